@@ -1,0 +1,1 @@
+"""Plumbing shared by every service: config, server bootstrap, auth, metrics, Redis, weights."""

@@ -1,0 +1,146 @@
+"""Authentication for every server: an interceptor checks the caller's secret before any handler runs.
+
+Callers send ``authorization: Bearer <secret>``. The secret is either the cluster's internal
+token (grants every method) or a client API key (grants the public methods). API keys are
+stored as SHA-256 hex digests; a presented key is hashed and compared with every stored digest
+in constant time, so neither timing nor the key file reveals a key.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+# Methods anyone may call: probes and tooling must work without secrets.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+AUTH_HEADER = "authorization"
+
+
+class Access(enum.Enum):
+    OPEN = "open"
+    PUBLIC = "public"  # API key or internal token
+    INTERNAL = "internal"  # internal token only
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    client: str
+    sha256_hex: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_secret(nbytes: int = 24) -> str:
+    return secrets.token_urlsafe(nbytes)
+
+
+def load_api_keys(path: str | Path) -> list[ApiKey]:
+    """Reads '<client-name> <sha256-hex>' lines; '#' starts a comment. Raises ValueError naming the bad line."""
+    keys: list[ApiKey] = []
+    for number, raw in enumerate(Path(path).expanduser().read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        digest = parts[-1].lower()
+        if len(parts) != 2 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(
+                f"{path}:{number}: expected '<client-name> <sha256-hex-of-key>' "
+                "(make one with: flywheel keys new NAME)"
+            )
+        keys.append(ApiKey(parts[0], digest))
+    return keys
+
+
+class Authenticator:
+    """Decides who a caller is from its secret."""
+
+    def __init__(self, internal_token: str, api_keys: Iterable[ApiKey], disabled: bool = False) -> None:
+        self._internal_digest = hash_key(internal_token) if internal_token else ""
+        self._keys = list(api_keys)
+        self.disabled = disabled
+
+    def principal(self, secret: str) -> tuple[Access, str] | None:
+        """(highest access, client name) for a secret, or None when it matches nothing."""
+        digest = hash_key(secret)
+        # Compare against everything, without early exit, so timing does not depend on which matched.
+        internal = bool(self._internal_digest) and hmac.compare_digest(digest, self._internal_digest)
+        client = ""
+        for key in self._keys:
+            if hmac.compare_digest(digest, key.sha256_hex):
+                client = key.client
+        if internal:
+            return Access.INTERNAL, "internal"
+        if client:
+            return Access.PUBLIC, client
+        return None
+
+
+def _abort_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming shape as ``handler`` that only aborts."""
+
+    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without a known secret (UNAUTHENTICATED) or whose API key does not grant an
+    internal method (PERMISSION_DENIED)."""
+
+    def __init__(self, authenticator: Authenticator, access_of: Callable[[str], Access]) -> None:
+        self._auth = authenticator
+        self._access_of = access_of
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None or self._auth.disabled or method.startswith(OPEN_PREFIXES):
+            return handler
+        required = self._access_of(method)
+        if required is Access.OPEN:
+            return handler
+        secret = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
+                secret = value[len("Bearer ") :].strip()
+        if not secret:
+            return _abort_handler(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method} needs 'authorization: Bearer <key>' metadata",
+            )
+        found = self._auth.principal(secret)
+        if found is None:
+            log.warning("rejected call to %s: unknown credentials", method)
+            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid API key or token")
+        access, _client = found
+        if required is Access.INTERNAL and access is not Access.INTERNAL:
+            return _abort_handler(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} is internal: it needs the cluster's internal token, not an API key",
+            )
+        return handler

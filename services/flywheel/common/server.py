@@ -1,0 +1,203 @@
+"""The gRPC server bootstrap every service uses.
+
+Health (NOT_SERVING until the service says it is ready), reflection, bounded message sizes and
+concurrency, keepalive, auth and RPC metrics interceptors, Prometheus on its own HTTP port, and
+graceful shutdown on SIGTERM: health flips to NOT_SERVING, in-flight RPCs get ``grace_seconds``
+to finish, then the server stops and shutdown hooks run (in reverse order of registration).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Gauge
+
+from flywheel.common.auth import Access, Authenticator, AuthInterceptor, load_api_keys
+from flywheel.common.config import ConfigError, ServerConfig
+from flywheel.common.metrics import RpcMetricsInterceptor, serve_metrics
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options for clients talking to our servers (same bounds, same keepalive)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class ServiceServer:
+    """One gRPC server process for one Flywheel service.
+
+    ``service_names`` are the full proto names (``flywheel.v1.GeneratorService``) registered for
+    health and reflection; ``internal_methods`` lists full method paths that need the internal
+    token, every other method of ours needs an API key (or the token).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: ServerConfig,
+        service_names: Iterable[str],
+        internal_methods: Iterable[str] = (),
+        open_methods: Iterable[str] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.service_names = list(service_names)
+        self.registry = registry or CollectorRegistry()
+        self._internal = set(internal_methods)
+        self._open = set(open_methods)
+        self._shutdown_hooks: list[Callable[[], None]] = []
+        self._stop_requested = threading.Event()
+        self._stopped = threading.Event()
+        self._metrics_http: Any = None
+        self.port = 0
+        self.metrics_port = -1
+
+        try:
+            api_keys = load_api_keys(config.api_keys_file) if config.api_keys_file else []
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"api_keys_file: {exc}") from exc
+        if config.auth_disabled:
+            log.warning("%s: auth_disabled=true, every caller is trusted (never do this in production)", name)
+        elif not config.internal_token:
+            log.warning(
+                "%s: no internal_token set: internal RPCs will be refused (set FLYWHEEL_INTERNAL_TOKEN)", name
+            )
+        authenticator = Authenticator(config.internal_token, api_keys, disabled=config.auth_disabled)
+
+        self.up_gauge = Gauge(
+            f"flywheel_{name}_up", "1 while the service reports SERVING", registry=self.registry
+        )
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix=f"{name}-rpc"),
+            interceptors=[
+                RpcMetricsInterceptor(name, self.registry),
+                AuthInterceptor(authenticator, self.access_of),
+            ],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                *KEEPALIVE_OPTIONS,
+            ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # --- wiring -----------------------------------------------------------------------------
+    def access_of(self, method: str) -> Access:
+        if method in self._open:
+            return Access.OPEN
+        return Access.INTERNAL if method in self._internal else Access.PUBLIC
+
+    def add_servicer(self, add_fn: Callable[[Any, grpc.Server], None], servicer: Any) -> None:
+        add_fn(servicer, self.server)
+
+    def on_shutdown(self, hook: Callable[[], None]) -> None:
+        self._shutdown_hooks.append(hook)
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self) -> int:
+        """Binds and starts serving (health stays NOT_SERVING until ``set_ready``). Returns the port."""
+        names = [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind {address}: {exc}; choose another port") from exc
+        if self.port == 0:
+            raise ConfigError(f"cannot bind {address} (in use?): choose another port")
+        if self.config.metrics_port >= 0:
+            try:
+                self._metrics_http, self.metrics_port = serve_metrics(
+                    self.registry, self.config.host, self.config.metrics_port
+                )
+            except OSError as exc:
+                self.server.stop(0)
+                raise ConfigError(f"cannot bind metrics port {self.config.metrics_port}: {exc}") from exc
+        self.server.start()
+        log.info(
+            "%s listening on %s:%d (metrics on %d)", self.name, self.config.host, self.port, self.metrics_port
+        )
+        return self.port
+
+    def set_ready(self, ready: bool = True) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._set_health(status)
+
+    def _set_health(self, status: int) -> None:
+        for service in ["", *self.service_names]:
+            self.health.set(service, status)
+        self.up_gauge.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health → NOT_SERVING, drain for ``grace`` seconds, stop, run shutdown hooks. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("%s shutting down: draining for up to %.1fs", self.name, grace)
+        self.health.enter_graceful_shutdown()
+        self.up_gauge.set(0)
+        self.server.stop(grace).wait()
+        for hook in reversed(self._shutdown_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("%s: shutdown hook failed", self.name)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("%s stopped", self.name)
+
+    def serve_forever(self) -> None:
+        """Blocks until SIGTERM/SIGINT (or ``request_stop``), then stops gracefully."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop_requested.set())
+        self._stop_requested.wait()
+        self.stop()
+
+
+def run_service(server: ServiceServer, load: Callable[[], None] | None = None) -> None:
+    """Starts ``server`` (health NOT_SERVING), runs ``load`` (models, Redis), marks it SERVING and
+    serves until SIGTERM. A failing ``load`` stops the server and re-raises."""
+    server.start()
+    try:
+        if load is not None:
+            load()
+    except BaseException:
+        server.stop(0)
+        raise
+    server.set_ready()
+    server.serve_forever()

@@ -1,0 +1,1 @@
+"""Feedback service: durable, idempotent, authenticated ingestion of user feedback."""

@@ -1,0 +1,1 @@
+"""Generator service: serves the policy, logs production completions, takes versioned weight pushes."""

@@ -1,0 +1,1 @@
+"""Learner service: PPO (and critic-free variants) over remote rollouts; pushes weights back."""

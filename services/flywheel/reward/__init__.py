@@ -1,0 +1,1 @@
+"""Reward service: scores (prompt, completion) batches; takes versioned reward-model pushes."""
