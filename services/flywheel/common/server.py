@@ -69,6 +69,7 @@ class ServiceServer:
         self.registry = registry or CollectorRegistry()
         self._internal = set(internal_methods)
         self._open = set(open_methods)
+        self._load_hooks: list[Callable[[], None]] = []
         self._shutdown_hooks: list[Callable[[], None]] = []
         self._stop_requested = threading.Event()
         self._stopped = threading.Event()
@@ -118,8 +119,18 @@ class ServiceServer:
     def add_servicer(self, add_fn: Callable[[Any, grpc.Server], None], servicer: Any) -> None:
         add_fn(servicer, self.server)
 
+    def on_load(self, hook: Callable[[], None]) -> None:
+        """Registers slow start-up work (loading models, connecting to Redis) that runs after the
+        port is bound, while health still says NOT_SERVING."""
+        self._load_hooks.append(hook)
+
     def on_shutdown(self, hook: Callable[[], None]) -> None:
+        """Registers clean-up that runs after the server has drained (reverse order)."""
         self._shutdown_hooks.append(hook)
+
+    def load(self) -> None:
+        for hook in self._load_hooks:
+            hook()
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> int:
@@ -189,13 +200,12 @@ class ServiceServer:
         self.stop()
 
 
-def run_service(server: ServiceServer, load: Callable[[], None] | None = None) -> None:
-    """Starts ``server`` (health NOT_SERVING), runs ``load`` (models, Redis), marks it SERVING and
-    serves until SIGTERM. A failing ``load`` stops the server and re-raises."""
+def run_service(server: ServiceServer) -> None:
+    """Starts ``server`` (health NOT_SERVING), runs its load hooks (models, Redis), marks it SERVING
+    and serves until SIGTERM. A failing load stops the server (running shutdown hooks) and re-raises."""
     server.start()
     try:
-        if load is not None:
-            load()
+        server.load()
     except BaseException:
         server.stop(0)
         raise
