@@ -12,6 +12,7 @@ from rich.table import Table
 
 from flywheel.common.config import ConfigError, load_config
 from flywheel.services import SERVICES
+from flywheel.training.cli import train_app
 
 app = typer.Typer(
     help="Flywheel: online RLHF as a gRPC microservice cluster.",
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="API keys for the public surface.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 out = Console()
 
