@@ -1,0 +1,191 @@
+"""The engine interface every generator backend implements, and the types it speaks (no grpc here).
+
+An engine samples completions for token-id prompts, reports for every token the logprob under
+the distribution it actually sampled from (``sampling_distribution``), tags every completion with
+the policy version whose weights produced all of its tokens, and swaps in verified weight pushes
+(``flywheel.common.weights.StagedWeights``) atomically between the steps that use the weights.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import torch
+
+from flywheel.common.weights import StagedWeights
+
+FINISH_REASONS = ("eos", "length", "stop", "aborted")
+
+
+class EngineError(Exception):
+    """Base class: the servicer maps subclasses to status codes."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be served as asked (INVALID_ARGUMENT): unknown adapter, prompt too long..."""
+
+
+class EngineOverloaded(EngineError):
+    """The bounded queue is full (RESOURCE_EXHAUSTED): retry later."""
+
+
+class EngineStopped(EngineError):
+    """The engine is shutting down or not loaded (UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Validated sampling parameters of one request (see SamplingParams in generator.proto)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    max_new_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    """Completion i of a seeded request uses seed + i, so the n samples differ but replay exactly."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    policy_version: int
+
+
+@dataclass
+class StreamDelta:
+    """One step of a streamed completion; ``finish_reason`` is set on the last one."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text_delta: str
+    policy_version: int
+    finish_reason: str = ""
+
+
+@dataclass
+class SwapResult:
+    version: int
+    previous_version: int
+    tensors_updated: int
+    swapped_at: datetime
+
+
+@dataclass
+class PolicyInfo:
+    version: int
+    model_id: str
+    engine: str
+    dtype: str
+    parameter_count: int
+    last_push_time: datetime | None
+    adapter_names: list[str]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Cancellation:
+    """Set when the caller went away (deadline, cancel): the engine stops working on it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Log-probabilities of the distribution sampled from: logits/temperature, top-k, then top-p
+    on the renormalised top-k distribution, renormalised again. Filtered tokens get -inf.
+    ``logits``: (B, V) float. The one definition every engine and test uses."""
+    scaled = logits.float() / temperature  # (B, V)
+    if top_k and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # (B, V)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
+
+
+class Engine(abc.ABC):
+    """A generation backend. Thread-safe: the servicer calls it from many RPC threads."""
+
+    name: str = ""
+
+    @property
+    @abc.abstractmethod
+    def policy_version(self) -> int: ...
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Loads the model and starts background work (called from the server's on_load hook)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stops background work; queued requests fail with EngineStopped."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
+        """Prompt token ids for plain text or chat messages (chat template applied)."""
+
+    @abc.abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids (special tokens kept: this is what the model saw)."""
+
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, adapter_name: str, cancellation: Cancellation
+    ) -> list[list[Completion]]:
+        """Blocks until every prompt's n completions are done (cancelled ones end 'aborted').
+        All prompts are queued at once (so they can share batches) or none is (EngineOverloaded)."""
+
+    @abc.abstractmethod
+    def stream(
+        self, prompt_ids: list[int], sampling: Sampling, adapter_name: str, cancellation: Cancellation
+    ) -> Iterator[StreamDelta]:
+        """Yields one completion step by step (sampling.n must be 1)."""
+
+    @abc.abstractmethod
+    def weights_for_push(self) -> Mapping[str, torch.Tensor]:
+        """Name -> tensor of the serving weights (checkpoint names): shapes/dtypes and delta base."""
+
+    @abc.abstractmethod
+    def apply_weights(self, staged: StagedWeights) -> SwapResult:
+        """Swaps a verified push in atomically between batches. Re-checks version/base under the
+        swap lock (another push may have landed since staging): raises WeightPushError."""
+
+    @abc.abstractmethod
+    def policy(self) -> PolicyInfo: ...
+
+    def add_stats_listener(self, listener: Callable[[str, float], None]) -> None:
+        """Optional hook for metrics ("batch_size", n), ("tokens", n), ("ttft", s), ("queue", n)."""
+        self._listeners = [*getattr(self, "_listeners", []), listener]
+
+    def _emit(self, what: str, value: float) -> None:
+        for listener in getattr(self, "_listeners", []):
+            listener(what, value)
