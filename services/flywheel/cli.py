@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flywheel.common.config import ConfigError, load_config
+from flywheel.feedback.cli import feedback_app
 from flywheel.services import SERVICES
 from flywheel.training.cli import train_app
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="API keys for the public surface.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(feedback_app, name="feedback")
 app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 out = Console()

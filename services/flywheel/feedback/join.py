@@ -1,0 +1,107 @@
+"""Joins validated events with the generator's completion log (keys.completion_key hashes)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from flywheel.feedback.records import CompletionRecord, FeedbackRecord
+from flywheel.feedback.validation import EventDraft, InvalidBatch
+
+LoggedCompletion = dict[str, Any]
+"""A decoded completion-log hash (see flywheel.common.keys)."""
+
+
+def decode_completion(raw: dict[bytes, bytes]) -> LoggedCompletion | None:
+    """Decodes a completion-log hash; None when the hash is missing (unknown or expired)."""
+    if not raw:
+        return None
+    data = {k.decode(): v.decode() for k, v in raw.items()}
+    messages = data.get("prompt_messages") or ""
+    return {
+        "completion_id": "",
+        "prompt": data.get("prompt", ""),
+        "prompt_messages": json.loads(messages) if messages else None,
+        "prompt_token_ids": json.loads(data.get("prompt_token_ids") or "[]"),
+        "text": data.get("completion", ""),
+        "token_ids": json.loads(data.get("token_ids") or "[]"),
+        "logprobs": json.loads(data.get("logprobs") or "[]"),
+        "policy_version": int(data["policy_version"]) if data.get("policy_version") else None,
+        "finish_reason": data.get("finish_reason", ""),
+        "adapter_name": data.get("adapter_name", ""),
+        "created_at": float(data["created_at"]) if data.get("created_at") else None,
+    }
+
+
+def _completion(completion_id: str, logged: LoggedCompletion) -> CompletionRecord:
+    return CompletionRecord(
+        text=logged["text"],
+        completion_id=completion_id,
+        token_ids=logged["token_ids"],
+        behaviour_logprobs=logged["logprobs"],
+        policy_version=logged["policy_version"],
+        finish_reason=logged["finish_reason"],
+        adapter_name=logged["adapter_name"],
+        logged_at=logged["created_at"],
+    )
+
+
+def missing_completions(draft: EventDraft, logged: dict[str, LoggedCompletion | None]) -> list[str]:
+    return [cid for cid in draft.completion_ids if logged.get(cid) is None]
+
+
+def build_record(
+    draft: EventDraft, client: str, logged: dict[str, LoggedCompletion | None], now: float | None = None
+) -> FeedbackRecord:
+    """The joined record for ``draft``; every completion it names must be in ``logged``.
+    Raises InvalidBatch when the join shows the event makes no sense (a comparison of completions
+    of different prompts, a correction identical to the original)."""
+    where = f"events[{draft.index}].{draft.kind}"
+    fields: dict[str, Any] = {}
+    prompt, messages, prompt_ids = draft.prompt, None, []
+    if draft.completion_ids:
+        first = logged[draft.completion_ids[0]]
+        assert first is not None
+        prompt, messages, prompt_ids = first["prompt"], first["prompt_messages"], first["prompt_token_ids"]
+    if draft.kind == "comparison" and draft.completion_ids:
+        chosen_id, rejected_id = draft.completion_ids
+        chosen, rejected = logged[chosen_id], logged[rejected_id]
+        assert chosen is not None and rejected is not None
+        if (chosen["prompt"], chosen["prompt_messages"]) != (rejected["prompt"], rejected["prompt_messages"]):
+            raise InvalidBatch(
+                f"{where}.by_id: completions {chosen_id!r} and {rejected_id!r} answer different prompts; "
+                "a comparison needs two completions of the same prompt"
+            )
+        fields["chosen"], fields["rejected"] = (
+            _completion(chosen_id, chosen),
+            _completion(rejected_id, rejected),
+        )
+    elif draft.kind == "comparison":
+        fields["chosen"] = CompletionRecord(text=draft.texts["chosen"])
+        fields["rejected"] = CompletionRecord(text=draft.texts["rejected"])
+    elif draft.kind == "inline_pair":
+        fields["completion"] = CompletionRecord(text=draft.texts["completion"])
+    else:  # rating, correction: one logged completion
+        original = logged[draft.completion_ids[0]]
+        assert original is not None
+        fields["completion"] = _completion(draft.completion_ids[0], original)
+        if draft.kind == "correction":
+            if draft.texts["corrected_text"] == original["text"]:
+                raise InvalidBatch(f"{where}.corrected_text: identical to the logged completion")
+            fields["corrected_text"] = draft.texts["corrected_text"]
+    return FeedbackRecord(
+        kind=draft.kind,
+        idempotency_key=draft.idempotency_key,
+        client=client,
+        prompt=prompt,
+        prompt_messages=messages,
+        prompt_token_ids=prompt_ids,
+        rating=draft.rating,
+        user_id=draft.user_id,
+        session_id=draft.session_id,
+        metadata=draft.metadata,
+        client_time=draft.client_time,
+        received_at=time.time() if now is None else now,
+        **fields,
+    )

@@ -1,0 +1,248 @@
+"""FeedbackService over gRPC: protos ↔ domain objects, errors ↔ status codes, metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
+
+import grpc
+import redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from flywheel.common import keys
+from flywheel.common.auth import AUTH_HEADER, Authenticator
+from flywheel.common.metrics import LATENCY_BUCKETS
+from flywheel.feedback.config import FeedbackConfig
+from flywheel.feedback.core import FeedbackStore, IdempotencyConflict, NotDurable, StoreItem
+from flywheel.feedback.join import build_record, missing_completions
+from flywheel.feedback.records import KINDS
+from flywheel.feedback.validation import EventDraft, InvalidBatch, Limits, parse_batch
+from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    "accepted": feedback_pb2.EVENT_STATUS_ACCEPTED,
+    "duplicate": feedback_pb2.EVENT_STATUS_DUPLICATE,
+    "unknown": feedback_pb2.EVENT_STATUS_UNKNOWN_COMPLETION,
+}
+RETRY_AFTER_HEADER = "retry-after-ms"
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class FeedbackMetrics:
+    """flywheel_feedback_* metrics on the server's registry."""
+
+    def __init__(self, registry: CollectorRegistry, store: FeedbackStore) -> None:
+        self.accepted = Counter(
+            "flywheel_feedback_events_accepted_total", "Events durably stored", ["kind"], registry=registry
+        )
+        self.duplicates = Counter(
+            "flywheel_feedback_events_duplicate_total",
+            "Retried events answered with their original acknowledgement",
+            ["kind"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "flywheel_feedback_events_rejected_total",
+            "Events not stored, by reason (invalid, unknown_completion, idempotency_conflict, "
+            "rate_limited, unavailable)",
+            ["kind", "reason"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "flywheel_feedback_batch_size_events",
+            "Events per SubmitFeedback call",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.ack_latency = Histogram(
+            "flywheel_feedback_ack_latency_seconds",
+            "From receiving a batch to acknowledging it (stored, and fsynced under durability 'always')",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "flywheel_feedback_stream_lag_events",
+            "Feedback events not yet delivered to the learner's consumer group (read at scrape time)",
+            registry=registry,
+        )
+        self.lag.set_function(lambda: self._lag(store))
+
+    @staticmethod
+    def _lag(store: FeedbackStore) -> float:
+        try:
+            return float(store.stats().consumer_lag)
+        except redis.RedisError:
+            return float("nan")
+
+    def reject(self, kinds: Iterable[str], reason: str) -> None:
+        for kind in kinds:
+            self.rejected.labels(kind, reason).inc()
+
+
+def _request_kinds(request: feedback_pb2.SubmitFeedbackRequest) -> list[str]:
+    return [e.WhichOneof("kind") or "unset" for e in request.events]
+
+
+class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
+    def __init__(
+        self,
+        config: FeedbackConfig,
+        store: FeedbackStore,
+        authenticator: Authenticator,
+        metrics: FeedbackMetrics,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self._auth = authenticator
+        self._clients: dict[str, str] = {}
+        self.limits = Limits(
+            config.max_batch_events,
+            config.max_text_chars,
+            config.max_metadata_entries,
+            config.max_metadata_bytes,
+        )
+
+    # --- who is calling -----------------------------------------------------------------------
+    def client_name(self, context: grpc.ServicerContext) -> str:
+        """The API client's name from its key (the interceptor has already authenticated it).
+        Cached by key digest so the per-call cost is one SHA-256."""
+        secret = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
+                secret = value[len("Bearer ") :].strip()
+        if not secret:
+            return "anonymous"  # only reachable with auth_disabled
+        digest = hashlib.sha256(secret.encode()).hexdigest()
+        name = self._clients.get(digest)
+        if name is None:
+            found = self._auth.principal(secret)
+            name = found[1] if found else "key-" + digest[:12]
+            if len(self._clients) < 10_000:
+                self._clients[digest] = name
+        return name
+
+    # --- RPCs -------------------------------------------------------------------------------
+    def SubmitFeedback(
+        self, request: feedback_pb2.SubmitFeedbackRequest, context: grpc.ServicerContext
+    ) -> feedback_pb2.SubmitFeedbackResponse:
+        start = time.perf_counter()
+        self.metrics.batch_size.observe(len(request.events))
+        client = self.client_name(context)
+        try:
+            drafts = parse_batch(request, self.limits)
+        except InvalidBatch as exc:
+            self.metrics.reject(_request_kinds(request), "invalid")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            return self._submit(drafts, client, context, start)
+        except redis.RedisError as exc:
+            log.warning("feedback storage error: %s", exc)
+            self.metrics.reject((d.kind for d in drafts), "unavailable")
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"feedback storage (Redis) is unavailable: {exc}; retry with the same idempotency keys",
+            )
+            raise AssertionError("context.abort raises") from exc
+
+    def _submit(
+        self, drafts: list[EventDraft], client: str, context: grpc.ServicerContext, start: float
+    ) -> feedback_pb2.SubmitFeedbackResponse:
+        wait_ms = self._take_tokens(client, len(drafts))
+        if wait_ms:
+            self.metrics.reject((d.kind for d in drafts), "rate_limited")
+            context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(wait_ms)),))
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit for client {client!r} ({self.config.rate_limit_per_second:g} events/s, "
+                f"burst {self.config.rate_limit_burst}): retry after {wait_ms} ms",
+            )
+        response = self._store(drafts, client, context)
+        self.metrics.ack_latency.observe(time.perf_counter() - start)
+        return response
+
+    def _take_tokens(self, client: str, cost: int) -> int:
+        if self.config.rate_limit_per_second <= 0:
+            return 0
+        return self.store.take_tokens(
+            client, cost, self.config.rate_limit_per_second, self.config.rate_limit_burst
+        )
+
+    def _store(
+        self, drafts: list[EventDraft], client: str, context: grpc.ServicerContext
+    ) -> feedback_pb2.SubmitFeedbackResponse:
+        logged = self.store.lookup_completions({cid for d in drafts for cid in d.completion_ids})
+        items: list[StoreItem] = []
+        missing: dict[int, list[str]] = {}
+        try:
+            for draft in drafts:
+                key = keys.idempotency_key(f"{client}:{draft.idempotency_key}")
+                unknown = missing_completions(draft, logged)
+                record = "" if unknown else build_record(draft, client, logged).to_json()
+                if unknown:
+                    missing[draft.index] = unknown
+                items.append(StoreItem(key, draft.payload_hash(), draft.kind, record))
+        except InvalidBatch as exc:
+            self.metrics.reject((d.kind for d in drafts), "invalid")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            outcomes = self.store.store(items)
+        except IdempotencyConflict as exc:
+            self.metrics.reject((d.kind for d in drafts), "idempotency_conflict")
+            draft = drafts[exc.index]
+            context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"events[{draft.index}].idempotency_key: {draft.idempotency_key!r} was already used for a "
+                f"different event (stored as {exc.existing_event_id or 'an earlier event in this batch'}); "
+                "use a new key for a new event. Nothing in this batch was stored.",
+            )
+        except NotDurable as exc:
+            self.metrics.reject((d.kind for d in drafts), "unavailable")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry with the same idempotency keys")
+        return self._response(drafts, outcomes, missing)
+
+    def _response(
+        self,
+        drafts: list[EventDraft],
+        outcomes: list,
+        missing: dict[int, list[str]],  # type: ignore[type-arg]
+    ) -> feedback_pb2.SubmitFeedbackResponse:
+        results = []
+        for draft, outcome in zip(drafts, outcomes, strict=True):
+            message = ""
+            if outcome.status == "accepted":
+                self.metrics.accepted.labels(draft.kind).inc()
+            elif outcome.status == "duplicate":
+                self.metrics.duplicates.labels(draft.kind).inc()
+                message = "already stored under this idempotency key; this is the original acknowledgement"
+            else:
+                self.metrics.rejected.labels(draft.kind, "unknown_completion").inc()
+                ids = ", ".join(repr(c) for c in missing.get(draft.index, []))
+                message = f"completion {ids} is unknown or expired from the completion log; not stored"
+            results.append(
+                feedback_pb2.EventResult(
+                    idempotency_key=draft.idempotency_key,
+                    status=STATUS[outcome.status],
+                    event_id=outcome.event_id,
+                    message=message,
+                )
+            )
+        return feedback_pb2.SubmitFeedbackResponse(results=results)
+
+    def GetFeedbackStats(
+        self, request: feedback_pb2.GetFeedbackStatsRequest, context: grpc.ServicerContext
+    ) -> feedback_pb2.GetFeedbackStatsResponse:
+        stats = self.store.stats()
+        counts = {kind: stats.accepted_by_kind.get(kind, 0) for kind in KINDS}
+        return feedback_pb2.GetFeedbackStatsResponse(
+            accepted_by_kind=counts,
+            stream_length=stats.stream_length,
+            consumer_lag=stats.consumer_lag,
+            pending=stats.pending,
+            oldest_unconsumed_age_seconds=stats.oldest_unconsumed_age_seconds,
+            dead_letter_length=stats.dead_letter_length,
+        )
