@@ -12,6 +12,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from flywheel.common.auth import current_client
 from flywheel.common.config import ServerConfig
 from flywheel.common.server import ServiceServer
 from flywheel.services import SERVICES
@@ -95,7 +96,8 @@ class BlockingLearner(learner_pb2_grpc.LearnerServiceServicer):
     def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.entered.set()
         self.release.wait(30)
-        return learner_pb2.GetStatusResponse(status=learner_pb2.LearnerStatus(step=7))
+        # run_dir carries the caller's identity as the auth interceptor established it.
+        return learner_pb2.GetStatusResponse(status=learner_pb2.LearnerStatus(step=7, run_dir=current_client()))
 
 
 @pytest.fixture
@@ -151,7 +153,9 @@ def test_graceful_stop_drains_in_flight_rpcs(plumbing: Any, api_key: str) -> Non
         assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
     servicer.release.set()
-    assert in_flight.result().status.step == 7  # the in-flight RPC completed normally
+    status = in_flight.result().status
+    assert status.step == 7  # the in-flight RPC completed normally
+    assert status.run_dir == "tests"  # the API key's client name, from api_keys_file
     stopper.join(30)
     assert not stopper.is_alive()
     channel.close()

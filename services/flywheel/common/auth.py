@@ -8,6 +8,7 @@ in constant time, so neither timing nor the key file reveals a key.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import hashlib
 import hmac
@@ -65,6 +66,20 @@ def load_api_keys(path: str | Path) -> list[ApiKey]:
     return keys
 
 
+_PRINCIPAL: contextvars.ContextVar[tuple[Access, str] | None] = contextvars.ContextVar("principal", default=None)
+
+
+def current_principal() -> tuple[Access, str] | None:
+    """(access, client name) of the caller whose RPC the current thread is handling, as the auth
+    interceptor established it; None when auth is disabled (or outside an RPC)."""
+    return _PRINCIPAL.get()
+
+
+def current_client(default: str = "anonymous") -> str:
+    found = _PRINCIPAL.get()
+    return found[1] if found else default
+
+
 class Authenticator:
     """Decides who a caller is from its secret."""
 
@@ -106,6 +121,37 @@ def _abort_handler(
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
+def _with_principal(handler: grpc.RpcMethodHandler, principal: tuple[Access, str]) -> grpc.RpcMethodHandler:
+    """The same handler, with ``current_principal()`` set while its behaviour runs. The interceptor
+    runs on a different thread than the handler, so the identity has to travel with the handler."""
+
+    def bind(behaviour: Any) -> Any:
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            token = _PRINCIPAL.set(principal)
+            try:
+                return behaviour(request, context)
+            finally:
+                _PRINCIPAL.reset(token)
+
+        def streaming(request: Any, context: grpc.ServicerContext) -> Any:
+            token = _PRINCIPAL.set(principal)
+            try:
+                yield from behaviour(request, context)
+            finally:
+                _PRINCIPAL.reset(token)
+
+        return streaming if handler.response_streaming else unary
+
+    serde = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(bind(handler.unary_unary), **serde)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(bind(handler.stream_unary), **serde)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(bind(handler.unary_stream), **serde)
+    return grpc.stream_stream_rpc_method_handler(bind(handler.stream_stream), **serde)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without a known secret (UNAUTHENTICATED) or whose API key does not grant an
     internal method (PERMISSION_DENIED)."""
@@ -143,4 +189,4 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{method} is internal: it needs the cluster's internal token, not an API key",
             )
-        return handler
+        return _with_principal(handler, found)

@@ -6,7 +6,6 @@ import logging
 
 import grpc
 
-from flywheel.common.auth import Authenticator, load_api_keys
 from flywheel.common.config import ConfigError
 from flywheel.common.redis_store import open_redis
 from flywheel.common.server import ServiceServer, run_service
@@ -22,8 +21,6 @@ SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_
 
 def build_server(config: FeedbackConfig) -> ServiceServer:
     server = ServiceServer("feedback", config, [SERVICE_NAME])
-    api_keys = load_api_keys(config.api_keys_file) if config.api_keys_file else []
-    authenticator = Authenticator(config.internal_token, api_keys, disabled=config.auth_disabled)
     state: dict[str, object] = {}
 
     def load() -> None:
@@ -41,7 +38,7 @@ def build_server(config: FeedbackConfig) -> ServiceServer:
         except DurabilityError as exc:
             raise ConfigError(str(exc)) from exc
         metrics = FeedbackMetrics(server.registry, store)
-        servicer.bind(FeedbackServicer(config, store, authenticator, metrics))
+        servicer.bind(FeedbackServicer(config, store, metrics))
 
     def close() -> None:
         if "redis" in state:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterable
@@ -12,7 +11,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from flywheel.common import keys
-from flywheel.common.auth import AUTH_HEADER, Authenticator
+from flywheel.common.auth import current_client
 from flywheel.common.metrics import LATENCY_BUCKETS
 from flywheel.feedback.config import FeedbackConfig
 from flywheel.feedback.core import FeedbackStore, IdempotencyConflict, NotDurable, StoreItem
@@ -92,14 +91,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self,
         config: FeedbackConfig,
         store: FeedbackStore,
-        authenticator: Authenticator,
         metrics: FeedbackMetrics,
     ) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
-        self._auth = authenticator
-        self._clients: dict[str, str] = {}
         self.limits = Limits(
             config.max_batch_events,
             config.max_text_chars,
@@ -108,23 +104,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         )
 
     # --- who is calling -----------------------------------------------------------------------
-    def client_name(self, context: grpc.ServicerContext) -> str:
-        """The API client's name from its key (the interceptor has already authenticated it).
-        Cached by key digest so the per-call cost is one SHA-256."""
-        secret = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
-                secret = value[len("Bearer ") :].strip()
-        if not secret:
-            return "anonymous"  # only reachable with auth_disabled
-        digest = hashlib.sha256(secret.encode()).hexdigest()
-        name = self._clients.get(digest)
-        if name is None:
-            found = self._auth.principal(secret)
-            name = found[1] if found else "key-" + digest[:12]
-            if len(self._clients) < 10_000:
-                self._clients[digest] = name
-        return name
+    @staticmethod
+    def client_name(context: grpc.ServicerContext) -> str:
+        """The API client's name, as the auth interceptor established it (rate limits and
+        idempotency keys are scoped by it); 'anonymous' only with auth_disabled."""
+        return current_client()
 
     # --- RPCs -------------------------------------------------------------------------------
     def SubmitFeedback(
