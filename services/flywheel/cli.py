@@ -166,6 +166,21 @@ def keys_new(name: Annotated[str, typer.Argument(help="Client name, e.g. the app
     out.print(f"line: {name} {hash_key(key)}")
 
 
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A learner run_dir (with metrics.jsonl)")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="PNG path (default RUN_DIR/curves.png)")] = None,  # noqa: UP045
+) -> None:
+    """Draw reward, KL, entropy and step-time curves of a learner run to a PNG."""
+    from flywheel.learner.plot import plot_run
+
+    try:
+        path = plot_run(run_dir, output)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc), 1) from exc
+    out.print(f"wrote {path}")
+
+
 def main() -> None:
     try:
         app()

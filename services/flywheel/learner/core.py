@@ -1,0 +1,309 @@
+"""The learner: a background training loop (generate -> score -> train -> push -> checkpoint) with
+pause/resume, status, metrics and exact resume from checkpoints. No grpc here; the servicer adapts it.
+
+Failures never kill the loop: an unreachable service makes the rollout wait (phase WAITING with the
+reason), any other error abandons the step, logs it and backs off before the next attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from flywheel.learner import checkpoint as ckpt
+from flywheel.learner.config import LearnerConfig
+from flywheel.learner.metrics import LearnerMetrics, MetricsLog
+from flywheel.learner.models import load_models
+from flywheel.learner.prompts import NoPrompts, PromptItem, PromptSource
+from flywheel.learner.publish import PolicyPublisher
+from flywheel.learner.rollout import GeneratedBatch, Stopped
+from flywheel.learner.trainer import Rollout, Trainer
+
+log = logging.getLogger(__name__)
+
+
+class RolloutSource(Protocol):
+    """Where completions and rewards come from (gRPC services, or in-process for benches)."""
+
+    def generate(self, prompts: list[PromptItem], seed: int) -> GeneratedBatch: ...
+
+    def score(self, prompt_texts: list[str], completion_texts: list[str]) -> tuple[list[float], int]: ...
+
+
+@dataclass
+class LearnerStatus:
+    step: int = 0
+    policy_version: int = 0
+    phase: str = "starting"
+    paused: bool = True
+    algorithm: str = "ppo"
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    run_dir: str = ""
+    last_checkpoint_path: str = ""
+    last_checkpoint_time: float = 0.0
+    reward_model_version: int = 0
+    waiting_reason: str = ""
+
+
+class Learner:
+    def __init__(self, config: LearnerConfig, metrics: LearnerMetrics, redis: Any = None,
+                 rollouts: RolloutSource | None = None, publisher: PolicyPublisher | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.redis = redis
+        self.rollouts = rollouts
+        self.publisher = publisher
+        self.stop_event = threading.Event()
+        self._wake = threading.Condition()
+        self._lock = threading.RLock()  # model, optimizer and version: held by train/push/checkpoint
+        self._thread: threading.Thread | None = None
+        self.status_ = LearnerStatus(algorithm=config.algorithm, run_dir=str(Path(config.run_dir).expanduser()),
+                                     phase="idle")
+        self.metrics_log = MetricsLog(config.run_dir)
+        self._checkpointed_step = -1
+        self._pause_requested = False  # paused by Pause (phase PAUSED) rather than never started (IDLE)
+
+    # --- loading and resuming ----------------------------------------------------------------
+    def load(self) -> None:
+        """Loads the models (and the latest checkpoint, if any); no network calls."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.model, self.reference, self.tokenizer = load_models(
+            cfg.policy_model, cfg.shared_backbone, cfg.uses_critic
+        )
+        pad_id = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
+        self.trainer = Trainer(cfg, self.model, self.reference, pad_id if pad_id is not None else 0)
+        self.prompt_source = PromptSource(cfg.prompts_file, cfg.prompt_stream, self.redis, cfg.seed)
+        latest = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+        if latest is not None:
+            self.restore(latest)
+        self.metrics.policy_version.set(self.status_.policy_version)
+
+    def restore(self, path: Path) -> None:
+        meta = ckpt.load_meta(path)
+        state = ckpt.load_state(path)
+        self.model.policy.load_state_dict(ckpt.load_policy_weights(path))
+        if self.model.value_head is not None and state.get("value_head") is not None:
+            self.model.value_head.load_state_dict(state["value_head"])
+        if self.model.critic is not None and state.get("critic") is not None:
+            self.model.critic.load_state_dict(state["critic"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.prompt_source.load_state_dict(state["prompts"])
+        self.status_.step = int(meta["step"])
+        self.status_.policy_version = int(meta["policy_version"])
+        self.status_.last_checkpoint_path = str(path)
+        self.status_.last_checkpoint_time = float(meta.get("saved_at", 0.0))
+        self.status_.last_metrics = dict(meta.get("metrics", {}))
+        self._checkpointed_step = self.status_.step
+        log.info("resumed from %s: step %d, policy version %d", path, self.status_.step,
+                 self.status_.policy_version)
+
+    def save_checkpoint(self) -> Path:
+        """Writes a checkpoint of the current state (atomically) and returns its path."""
+        with self._lock:
+            previous = self.status_.phase
+            self._set_phase("checkpointing")
+            start = time.perf_counter()
+            state = {
+                "value_head": self.model.value_head.state_dict() if self.model.value_head is not None else None,
+                "critic": self.model.critic.state_dict() if self.model.critic is not None else None,
+                "trainer": self.trainer.state_dict(),
+                "prompts": self.prompt_source.state_dict(),
+            }
+            meta = {"policy_version": self.status_.policy_version, "algorithm": self.config.algorithm,
+                    "policy_model": self.config.policy_model, "metrics": self.status_.last_metrics}
+            path = ckpt.save_checkpoint(self.config.checkpoint_dir, self.status_.step, meta, state,
+                                        self.model.policy, self.tokenizer, self.config.keep_checkpoints)
+            self.metrics.step_seconds.labels("checkpoint").observe(time.perf_counter() - start)
+            self.status_.last_checkpoint_path = str(path)
+            self.status_.last_checkpoint_time = time.time()
+            self._checkpointed_step = self.status_.step
+            self._set_phase(previous)
+            log.info("checkpoint %s (step %d, version %d)", path, self.status_.step, self.status_.policy_version)
+            return path
+
+    # --- control -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the loop thread (it idles until ``resume`` unless autostart)."""
+        if self.config.autostart:
+            self.status_.paused = False
+        self._thread = threading.Thread(target=self._run, name="learner-loop", daemon=True)
+        self._thread.start()
+
+    def pause(self, reason: str = "") -> None:
+        with self._wake:
+            self.status_.paused = True
+            self._pause_requested = True
+            self._wake.notify_all()
+        log.info("pause requested%s: pausing after the current step", f" ({reason})" if reason else "")
+
+    def resume(self) -> None:
+        with self._wake:
+            self.status_.paused = False
+            self._wake.notify_all()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops the loop (waits for the current step up to ``timeout``) and checkpoints new progress."""
+        self.stop_event.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("learner loop still busy after %.0fs; not checkpointing at shutdown", timeout)
+                return
+        if hasattr(self, "trainer") and self.status_.step > self._checkpointed_step:
+            self.save_checkpoint()
+
+    def status(self) -> LearnerStatus:
+        return replace(self.status_, last_metrics=dict(self.status_.last_metrics))
+
+    def _set_phase(self, phase: str, waiting_reason: str = "") -> None:
+        self.status_.phase = phase
+        self.status_.waiting_reason = waiting_reason
+        self.metrics.waiting.set(1 if phase == "waiting" else 0)
+
+    def on_wait(self, reason: str) -> None:
+        """Called by the rollout client before each retry of an unavailable service."""
+        self.metrics.rpc_retries.labels(reason.split(" ", 1)[0]).inc()
+        self._set_phase("waiting", reason)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        failures = 0
+        while not self.stop_event.is_set():
+            if self._wait_while_paused():
+                break
+            try:
+                self.run_step()
+                failures = 0
+            except Stopped:
+                break
+            except NoPrompts as exc:
+                failures = self._back_off(str(exc), failures, quiet=True)
+            except Exception as exc:
+                log.exception("learner step %d failed", self.status_.step + 1)
+                self.metrics.step_failures.inc()
+                failures = self._back_off(f"step failed: {exc!r}", failures)
+        self._set_phase("idle")
+
+    def _wait_while_paused(self) -> bool:
+        """Blocks while paused (or done); True when stopping."""
+        with self._wake:
+            while not self.stop_event.is_set():
+                done = bool(self.config.total_steps) and self.status_.step >= self.config.total_steps
+                if not (self.status_.paused or done):
+                    return False
+                if done and self.status_.step > self._checkpointed_step:
+                    self.save_checkpoint()
+                self._set_phase("paused" if self.status_.paused and self._pause_requested else "idle")
+                self._wake.wait()
+        return True
+
+    def _back_off(self, reason: str, failures: int, quiet: bool = False) -> int:
+        delay = min(self.config.rpc_max_backoff, 0.5 * 2**failures)
+        (log.info if quiet else log.warning)("%s; retrying in %.1fs", reason, delay)
+        self._set_phase("waiting", reason)
+        self.stop_event.wait(delay)
+        return failures + 1
+
+    @contextlib.contextmanager
+    def _timed(self, timings: dict[str, float], phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        timings[phase] = time.perf_counter() - start
+
+    def run_step(self) -> dict[str, float]:
+        """One step: generate -> score -> train -> push (-> checkpoint). Returns the step's metrics."""
+        assert self.rollouts is not None, "no rollout source configured"
+        cfg, timings = self.config, dict[str, float]()
+        start = time.perf_counter()
+        with self._timed(timings, "generate"):
+            self._set_phase("generating")
+            self.sync_replicas()
+            with self._lock:
+                prompts = self.prompt_source.next_batch(cfg.prompts_per_step)
+            batch = self.rollouts.generate(prompts, seed=cfg.seed * 1_000_003 + self.status_.step)
+        with self._timed(timings, "score"):
+            self._set_phase("scoring")
+            n = cfg.samples_per_prompt
+            scores, rm_version = self.rollouts.score(
+                [p.reward_text for p in batch.prompts for _ in range(n)], batch.completion_texts
+            )
+        with self._lock:
+            with self._timed(timings, "train"):
+                self._set_phase("training")
+                rollout = Rollout(batch.prompt_ids, batch.completion_ids, scores, batch.truncated,
+                                  batch.behaviour_logprobs, batch.policy_versions)
+                metrics = self.trainer.train_step(rollout)
+                self.status_.step += 1
+            with self._timed(timings, "push"):
+                self._set_phase("pushing")
+                self._publish(metrics)
+            timings["total"] = time.perf_counter() - start
+            self._finish_step(metrics, timings, batch, rm_version)
+        return metrics
+
+    def sync_replicas(self) -> None:
+        """Brings restarted/lagging replicas to the current version before they generate."""
+        if self.publisher is None:
+            return
+        with self._lock:
+            version, report = self.publisher.sync(self.model.policy.state_dict(), self.status_.policy_version,
+                                                  self.status_.step)
+            self._set_version(version)
+            if report is not None:
+                self.metrics.push_bytes.inc(report.bytes_sent)
+                self.metrics.push_failures.inc(len(report.failed))
+
+    def _set_version(self, version: int) -> None:
+        self.status_.policy_version = version
+        self.metrics.policy_version.set(version)
+
+    def _publish(self, metrics: dict[str, float]) -> None:
+        version = self.status_.policy_version + 1
+        self._set_version(version)
+        if self.publisher is None:
+            return
+        from flywheel.learner.targets import resolve_targets
+
+        report = self.publisher.push(self.model.policy.state_dict(), version,
+                                     resolve_targets(self.config.generator_targets),
+                                     {"step": str(self.status_.step), "algorithm": self.config.algorithm})
+        self.metrics.push_bytes.inc(report.bytes_sent)
+        self.metrics.push_seconds.observe(report.seconds)
+        self.metrics.push_failures.inc(len(report.failed))
+        metrics["push_bytes"] = float(report.bytes_sent)
+        metrics["push_replicas_ok"] = float(len(report.ok))
+        if report.ok:
+            self.publisher.record(version, self.status_.step, self.status_.last_checkpoint_path,
+                                  {k: metrics[k] for k in ("reward_mean", "kl") if k in metrics}, version - 1)
+
+    def _finish_step(self, metrics: dict[str, float], timings: dict[str, float], batch: GeneratedBatch,
+                     rm_version: int) -> None:
+        n = len(batch.completion_ids)
+        metrics["samples_per_second"] = n / max(timings["total"], 1e-9)
+        metrics.update({f"seconds_{phase}": seconds for phase, seconds in timings.items()})
+        lag = [self.status_.policy_version - 1 - v for v in batch.policy_versions]
+        metrics["policy_lag_max"] = float(max(lag, default=0))
+        self.status_.last_metrics = dict(metrics)
+        self.status_.reward_model_version = rm_version
+        self.metrics.observe_step(metrics, timings, n)
+        self.metrics.step.set(self.status_.step)
+        self.metrics_log.write({"step": self.status_.step, "policy_version": self.status_.policy_version,
+                                **metrics})
+        log.info("step %d v%d reward %.3f kl %.4f entropy %.3f (%.2fs)", self.status_.step,
+                 self.status_.policy_version, metrics["reward_mean"], metrics["kl"], metrics["entropy"],
+                 timings["total"])
+        every = self.config.checkpoint_every
+        if every and self.status_.step % every == 0:
+            with self._timed(timings, "checkpoint"):
+                self.save_checkpoint()
