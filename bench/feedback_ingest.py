@@ -3,7 +3,9 @@
 Ours: SubmitFeedback to a feedback server running in its own process (validation, rate-limit
 script, completion-log join, idempotent Lua append), batched and unary, from client threads here.
 Baseline, same run, same Redis: redis-py pipelined XADD of the very payloads our server stored.
-Prints a table, then the JSON line: ours = batched events/s, ratio = ours / raw XADD events/s.
+Prints a table, then the JSON line: ours = batched events/s, ratio = ours / raw XADD events/s;
+p99_ms is per SubmitFeedback acknowledgement (one batch of 100 events, 4 calls in flight). The
+machine's load average is in the table title: on a shared box, compare medians of repeats.
 
     python -m bench.feedback_ingest [--quick]
 """
@@ -177,8 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = run(args.quick)
     b, u, raw = result["batched"], result["unary"], result["raw"]
-    table = Table(title=f"feedback ingest (AOF appendfsync {result['aof']}, server in its own process)")
-    for column in ("path", "events/s", "p50 ack ms", "p99 ack ms", "events"):
+    load_1m = os.getloadavg()[0]
+    table = Table(
+        title=f"feedback ingest (AOF appendfsync {result['aof']}, server in its own process, "
+        f"load average {load_1m:.2f} on {os.cpu_count()} CPUs)"
+    )
+    for column in ("path", "events/s", "p50 ack ms/call", "p99 ack ms/call", "events"):
         table.add_column(column)
     table.add_row(f"ours batched ({result['batch']}/call, {result['threads']} threads)",
                   f"{b['events_per_s']:,.0f}", f"{b['p50_ms']:.1f}", f"{b['p99_ms']:.1f}", f"{b['events']:,}")  # fmt: skip

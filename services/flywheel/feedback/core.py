@@ -21,8 +21,8 @@ Redis' memory and in the AOF buffer that Redis writes to the AOF file before it 
 * Idempotency: an event is stored at most once per (client, idempotency key) within
   ``idempotency_ttl_seconds``; a retried submission gets the original event id back.
 
-The idempotency check, the stream append, the key's record and the per-kind counter happen in
-one Lua script per batch, so concurrent submissions of one key — from any number of feedback
+The join with the completion log (flywheel.feedback.join_script), the idempotency check, the
+stream append, the key's record and the per-kind counter happen in one Lua script per batch, so concurrent submissions of one key — from any number of feedback
 replicas — store exactly one event. The script touches keys in different hash slots, so the
 feedback stream needs a single-shard Redis (standalone or Sentinel), not Redis Cluster.
 """
@@ -39,11 +39,13 @@ import redis
 
 from flywheel.common import keys
 from flywheel.feedback.join import LoggedCompletion, decode_completion
+from flywheel.feedback.join_script import ARGS_PER_EVENT, JOIN_STORE_SCRIPT
 
 log = logging.getLogger(__name__)
 
 STATS_KEY = keys.PREFIX + "feedback:stats"
 """Hash of accepted-event counts by kind (across all replicas)."""
+COMPLETION_PREFIX = keys.completion_key("")
 
 # KEYS: stream, stats, idem keys...   ARGV: ttl, then (hash, kind, record) per event; record "" =
 # do not store (unknown completion). Pass 1 checks every key so a conflict stores nothing.
@@ -121,6 +123,16 @@ class IdempotencyConflict(Exception):
         self.existing_event_id = existing_event_id
 
 
+class JoinRejected(Exception):
+    """The join shows an event makes no sense: ``reason`` 'prompts' (a comparison of completions
+    of different prompts) or 'identical' (a correction equal to the logged completion)."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(index, reason)
+        self.index = index
+        self.reason = reason
+
+
 class NotDurable(Exception):
     """The append happened but its fsync was not confirmed in time (durability 'always')."""
 
@@ -129,6 +141,8 @@ class NotDurable(Exception):
 class Outcome:
     status: str  # "accepted" | "duplicate" | "unknown"
     event_id: str
+    missing: tuple[str, ...] = ()
+    """Status "unknown": the completion ids not in the log (when the store reports them)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,21 @@ class StoreItem:
     payload_hash: str
     kind: str
     record_json: str
+
+
+@dataclass(frozen=True)
+class JoinItem:
+    """One event to join in Redis and store (see flywheel.feedback.join_script): ``head`` is the
+    whole record JSON when ``completion_ids`` is empty, else the record up to the joined fields,
+    and ``tail`` the rest."""
+
+    key: str
+    payload_hash: str
+    kind: str
+    head: str
+    tail: str
+    completion_ids: tuple[str, ...]
+    corrected_text: str = ""
 
 
 @dataclass
@@ -181,6 +210,7 @@ class FeedbackStore:
         self.stream, self.group, self.dead_letter = stream, group, dead_letter
         self.use_waitaof = False
         self._store = client.register_script(STORE_SCRIPT)
+        self._join_store = client.register_script(JOIN_STORE_SCRIPT)
         self._rate_limit = client.register_script(RATE_LIMIT_SCRIPT)
 
     # --- start-up ---------------------------------------------------------------------------
@@ -259,6 +289,41 @@ class FeedbackStore:
         if tag == "conflict":
             raise IdempotencyConflict(int(reply[1]) - 1, reply[2].decode())
         outcomes = [Outcome(reply[i].decode(), reply[i + 1].decode()) for i in range(1, len(reply), 2)]
+        if self.use_waitaof and any(o.status != "unknown" for o in outcomes):
+            self.wait_fsynced()
+        return outcomes
+
+    def join_and_store(self, items: list[JoinItem]) -> list[Outcome] | None:
+        """Joins the items with the completion log and stores them, in one atomic script (all or
+        nothing on conflict or a rejected join). None when a logged value needs the Python join
+        (nothing was stored; see flywheel.feedback.join_script). Raises JoinRejected,
+        IdempotencyConflict or NotDurable (indices into ``items``)."""
+        completion_keys: dict[str, int] = {}
+        first_completion = len(items) + 3  # KEYS index (1-based) of the first completion key
+        args: list[Any] = [self.idempotency_ttl_seconds, COMPLETION_PREFIX]
+        for item in items:
+            slots = [0, 0]
+            for j, cid in enumerate(item.completion_ids):
+                slots[j] = completion_keys.setdefault(cid, first_completion + len(completion_keys))
+            args += [item.payload_hash, item.kind, item.head, item.tail, *slots, item.corrected_text]
+        assert len(args) == 2 + ARGS_PER_EVENT * len(items)
+        script_keys = [self.stream, STATS_KEY, *(i.key for i in items)]
+        script_keys += [keys.completion_key(cid) for cid in completion_keys]
+        reply = self._join_store(keys=script_keys, args=args)
+        tag = reply[0]
+        if tag == b"fallback":
+            return None
+        if tag == b"invalid":
+            raise JoinRejected(int(reply[1]) - 1, reply[2].decode())
+        if tag == b"conflict":
+            raise IdempotencyConflict(int(reply[1]) - 1, reply[2].decode())
+        outcomes = []
+        for i in range(1, len(reply), 2):
+            status, value = reply[i].decode(), reply[i + 1].decode()
+            if status == "unknown":
+                outcomes.append(Outcome(status, "", tuple(value.split())))
+            else:
+                outcomes.append(Outcome(status, value))
         if self.use_waitaof and any(o.status != "unknown" for o in outcomes):
             self.wait_fsynced()
         return outcomes

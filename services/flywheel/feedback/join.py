@@ -1,4 +1,9 @@
-"""Joins validated events with the generator's completion log (keys.completion_key hashes)."""
+"""Joins validated events with the generator's completion log (keys.completion_key hashes).
+
+Two implementations of one join: :func:`record_parts` prepares each event for the join inside Redis
+(flywheel.feedback.join_script, the fast path); :func:`build_record` joins in Python, for the rare
+logged values the script leaves to it. Both give the same record JSON.
+"""
 
 from __future__ import annotations
 
@@ -51,6 +56,47 @@ def missing_completions(draft: EventDraft, logged: dict[str, LoggedCompletion | 
     return [cid for cid in draft.completion_ids if logged.get(cid) is None]
 
 
+def _different_prompts(where: str, chosen_id: str, rejected_id: str) -> InvalidBatch:
+    return InvalidBatch(
+        f"{where}.by_id: completions {chosen_id!r} and {rejected_id!r} answer different prompts; "
+        "a comparison needs two completions of the same prompt"
+    )
+
+
+def _identical_correction(where: str) -> InvalidBatch:
+    return InvalidBatch(f"{where}.corrected_text: identical to the logged completion")
+
+
+def rejected_join(draft: EventDraft, reason: str) -> InvalidBatch:
+    """The error for a join the Redis script rejected (reason 'prompts' or 'identical')."""
+    where = f"events[{draft.index}].{draft.kind}"
+    if reason == "prompts":
+        return _different_prompts(where, *draft.completion_ids)
+    return _identical_correction(where)
+
+
+def record_parts(draft: EventDraft, client: str, now: float) -> tuple[str, str]:
+    """(head, tail) of ``draft``'s record JSON around the joined fields, which the join script
+    splices in: ``"prompt"`` through ``"rejected"``. An event without completions is whole: (record, "")."""
+    if not draft.completion_ids:
+        return build_record(draft, client, {}, now).to_json(), ""
+    text = FeedbackRecord(
+        kind=draft.kind,
+        idempotency_key=draft.idempotency_key,
+        client=client,
+        prompt="",
+        corrected_text=draft.texts.get("corrected_text"),
+        rating=draft.rating,
+        user_id=draft.user_id,
+        session_id=draft.session_id,
+        metadata=draft.metadata,
+        client_time=draft.client_time,
+        received_at=now,
+    ).to_json()
+    # Inside a JSON string every '"' is escaped, so ',"name":' only occurs as a key.
+    return text[: text.index(',"prompt":') + 1], text[text.index(',"corrected_text":') :]
+
+
 def build_record(
     draft: EventDraft, client: str, logged: dict[str, LoggedCompletion | None], now: float | None = None
 ) -> FeedbackRecord:
@@ -69,10 +115,7 @@ def build_record(
         chosen, rejected = logged[chosen_id], logged[rejected_id]
         assert chosen is not None and rejected is not None
         if (chosen["prompt"], chosen["prompt_messages"]) != (rejected["prompt"], rejected["prompt_messages"]):
-            raise InvalidBatch(
-                f"{where}.by_id: completions {chosen_id!r} and {rejected_id!r} answer different prompts; "
-                "a comparison needs two completions of the same prompt"
-            )
+            raise _different_prompts(where, chosen_id, rejected_id)
         fields["chosen"], fields["rejected"] = (
             _completion(chosen_id, chosen),
             _completion(rejected_id, rejected),
@@ -88,7 +131,7 @@ def build_record(
         fields["completion"] = _completion(draft.completion_ids[0], original)
         if draft.kind == "correction":
             if draft.texts["corrected_text"] == original["text"]:
-                raise InvalidBatch(f"{where}.corrected_text: identical to the logged completion")
+                raise _identical_correction(where)
             fields["corrected_text"] = draft.texts["corrected_text"]
     return FeedbackRecord(
         kind=draft.kind,

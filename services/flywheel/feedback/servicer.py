@@ -14,8 +14,16 @@ from flywheel.common import keys
 from flywheel.common.auth import current_client
 from flywheel.common.metrics import LATENCY_BUCKETS
 from flywheel.feedback.config import FeedbackConfig
-from flywheel.feedback.core import FeedbackStore, IdempotencyConflict, NotDurable, StoreItem
-from flywheel.feedback.join import build_record, missing_completions
+from flywheel.feedback.core import (
+    FeedbackStore,
+    IdempotencyConflict,
+    JoinItem,
+    JoinRejected,
+    NotDurable,
+    Outcome,
+    StoreItem,
+)
+from flywheel.feedback.join import build_record, missing_completions, record_parts, rejected_join
 from flywheel.feedback.records import KINDS
 from flywheel.feedback.validation import EventDraft, InvalidBatch, Limits, parse_batch
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
@@ -159,22 +167,11 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def _store(
         self, drafts: list[EventDraft], client: str, context: grpc.ServicerContext
     ) -> feedback_pb2.SubmitFeedbackResponse:
-        logged = self.store.lookup_completions({cid for d in drafts for cid in d.completion_ids})
-        items: list[StoreItem] = []
-        missing: dict[int, list[str]] = {}
         try:
-            for draft in drafts:
-                key = keys.idempotency_key(f"{client}:{draft.idempotency_key}")
-                unknown = missing_completions(draft, logged)
-                record = "" if unknown else build_record(draft, client, logged).to_json()
-                if unknown:
-                    missing[draft.index] = unknown
-                items.append(StoreItem(key, draft.payload_hash(), draft.kind, record))
-        except InvalidBatch as exc:
+            outcomes = self._join_and_store(drafts, client)
+        except JoinRejected as exc:
             self.metrics.reject((d.kind for d in drafts), "invalid")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            outcomes = self.store.store(items)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(rejected_join(drafts[exc.index], exc.reason)))
         except IdempotencyConflict as exc:
             self.metrics.reject((d.kind for d in drafts), "idempotency_conflict")
             draft = drafts[exc.index]
@@ -187,13 +184,50 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         except NotDurable as exc:
             self.metrics.reject((d.kind for d in drafts), "unavailable")
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry with the same idempotency keys")
-        return self._response(drafts, outcomes, missing)
+        except InvalidBatch as exc:  # the Python join's verdict
+            self.metrics.reject((d.kind for d in drafts), "invalid")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return self._response(drafts, outcomes)
+
+    def _join_and_store(self, drafts: list[EventDraft], client: str) -> list[Outcome]:
+        """Joins in Redis (one script); the Python join when the script leaves a batch to it."""
+        now = time.time()
+        items = []
+        for draft in drafts:
+            head, tail = record_parts(draft, client, now)
+            items.append(
+                JoinItem(
+                    keys.idempotency_key(f"{client}:{draft.idempotency_key}"),
+                    draft.payload_hash(),
+                    draft.kind,
+                    head,
+                    tail,
+                    tuple(draft.completion_ids),
+                    draft.texts.get("corrected_text", "") if draft.kind == "correction" else "",
+                )
+            )
+        outcomes = self.store.join_and_store(items)
+        return outcomes if outcomes is not None else self._python_join_and_store(drafts, client)
+
+    def _python_join_and_store(self, drafts: list[EventDraft], client: str) -> list[Outcome]:
+        logged = self.store.lookup_completions({cid for d in drafts for cid in d.completion_ids})
+        items: list[StoreItem] = []
+        missing: dict[int, tuple[str, ...]] = {}
+        for draft in drafts:
+            key = keys.idempotency_key(f"{client}:{draft.idempotency_key}")
+            unknown = missing_completions(draft, logged)
+            record = "" if unknown else build_record(draft, client, logged).to_json()
+            if unknown:
+                missing[draft.index] = tuple(unknown)
+            items.append(StoreItem(key, draft.payload_hash(), draft.kind, record))
+        outcomes = self.store.store(items)
+        return [
+            Outcome(o.status, o.event_id, missing.get(i, ())) if o.status == "unknown" else o
+            for i, o in enumerate(outcomes)
+        ]
 
     def _response(
-        self,
-        drafts: list[EventDraft],
-        outcomes: list,
-        missing: dict[int, list[str]],  # type: ignore[type-arg]
+        self, drafts: list[EventDraft], outcomes: list[Outcome]
     ) -> feedback_pb2.SubmitFeedbackResponse:
         results = []
         for draft, outcome in zip(drafts, outcomes, strict=True):
@@ -205,7 +239,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                 message = "already stored under this idempotency key; this is the original acknowledgement"
             else:
                 self.metrics.rejected.labels(draft.kind, "unknown_completion").inc()
-                ids = ", ".join(repr(c) for c in missing.get(draft.index, []))
+                ids = ", ".join(repr(c) for c in outcome.missing)
                 message = f"completion {ids} is unknown or expired from the completion log; not stored"
             results.append(
                 feedback_pb2.EventResult(
