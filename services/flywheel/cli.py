@@ -12,6 +12,7 @@ from rich.table import Table
 
 from flywheel.common.config import ConfigError, load_config
 from flywheel.feedback.cli import feedback_app
+from flywheel.learner.policy_cli import policy_app
 from flywheel.services import SERVICES
 from flywheel.training.cli import train_app
 
@@ -24,6 +25,7 @@ keys_app = typer.Typer(help="API keys for the public surface.", no_args_is_help=
 app.add_typer(keys_app, name="keys")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(train_app, name="train")
+app.add_typer(policy_app, name="policy")
 console = Console(stderr=True)
 out = Console()
 

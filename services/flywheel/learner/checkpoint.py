@@ -7,6 +7,7 @@ filesystem), so ``kill -9`` at any moment leaves the previous checkpoint loadabl
     step-000000010/
       policy/        save_pretrained weights + tokenizer (a generator can serve this path)
       learner.pt     value head / critic, optimizer, scheduler, KL controller, RNG, data position
+      reward_model/  with feedback learning: the fitted reward model (save_pretrained + tokenizer)
       meta.json      step, policy_version, algorithm, time (written last, read first)
 """
 
@@ -26,6 +27,7 @@ PREFIX = "step-"
 META = "meta.json"
 STATE = "learner.pt"
 POLICY = "policy"
+REWARD_MODEL = "reward_model"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -70,8 +72,10 @@ def save_checkpoint(
     policy: Any,
     tokenizer: Any,
     keep: int,
+    reward_model: tuple[Any, Any] | None = None,
 ) -> Path:
-    """Writes checkpoint ``step`` atomically, prunes to the newest ``keep``; returns its path."""
+    """Writes checkpoint ``step`` atomically, prunes to the newest ``keep``; returns its path.
+    ``reward_model``: (model, tokenizer) of the learner's fitted reward model, saved in the same rename."""
     root = Path(directory).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -81,6 +85,9 @@ def save_checkpoint(
     try:
         policy.save_pretrained(tmp / POLICY, safe_serialization=True)
         tokenizer.save_pretrained(tmp / POLICY)
+        if reward_model is not None:
+            reward_model[0].save_pretrained(tmp / REWARD_MODEL, safe_serialization=True)
+            reward_model[1].save_pretrained(tmp / REWARD_MODEL)
         torch.save(state, tmp / STATE)
         (tmp / META).write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
         _fsync_tree(tmp)
@@ -103,6 +110,12 @@ def load_meta(path: Path) -> dict[str, Any]:
 def load_state(path: Path) -> dict[str, Any]:
     # Our own file (optimizer state, RNG tuples, numpy arrays): not weights-only.
     return dict(torch.load(path / STATE, map_location="cpu", weights_only=False))
+
+
+def reward_model_dir(path: Path) -> Path | None:
+    """The reward model saved in checkpoint ``path`` (loadable with from_pretrained), if any."""
+    found = path / REWARD_MODEL
+    return found if (found / "config.json").is_file() else None
 
 
 def load_policy_weights(path: Path) -> dict[str, torch.Tensor]:

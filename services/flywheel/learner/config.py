@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from flywheel.common.config import ConfigError, ServerConfig
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "rebel")
-CRITIC_FREE = ("grpo", "rloo", "rebel")
+ALGORITHMS = ("ppo", "grpo", "rloo", "rebel", "dpo")
+CRITIC_FREE = ("grpo", "rloo", "rebel", "dpo")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class LearnerConfig(ServerConfig):
     run_dir: str = "~/.local/share/flywheel/runs/default"
     """Metrics JSONL and plots."""
     algorithm: str = "ppo"
-    """'ppo', 'grpo', 'rloo' or 'rebel'."""
+    """'ppo', 'grpo', 'rloo', 'rebel' or 'dpo' (online DPO on best-vs-worst of n samples ranked by the reward service)."""
     autostart: bool = False
     """Start training as soon as the services are reachable (otherwise wait for Resume)."""
     total_steps: int = 0
@@ -92,6 +92,36 @@ class LearnerConfig(ServerConfig):
     """Value head on the policy's backbone (cheap) instead of a separate critic copy (the paper's choice)."""
     rebel_eta: float = 1.0
     """REBEL's eta (Gao et al. 2024): regresses (1/eta) * difference of log-ratios onto the reward difference."""
+    dpo_beta: float = 0.1
+    """Online DPO's beta (Rafailov et al. 2023): strength of the implicit KL constraint to the reference."""
+    dpo_min_margin: float = 0.0
+    """Online DPO: a prompt gives a pair only when its best and worst scores differ by more than this."""
+
+    # --- learning from feedback (the feedback stream's consumer group) --------------------------
+    feedback_learning: bool = False
+    """Consume the feedback stream: fit the reward model on comparisons/corrections/ratings and push it."""
+    reward_model: str = "tiny://reward"
+    """Reward model the learner warm-starts from: the same model the reward service serves."""
+    reward_targets: tuple[str, ...] = ()
+    """Reward replicas (comma list of host:port) that get new reward-model versions; empty = (reward_target,)."""
+    rm_fit_every_steps: int = 5
+    """Consider a reward-model fit every this many policy steps."""
+    rm_min_new_events: int = 16
+    """Fit only once at least this many unconsumed feedback events have been read."""
+    rm_holdout_fraction: float = 0.2
+    """Newest share of a fit's preference pairs held out for pairwise accuracy (0 = push without check)."""
+    rm_learning_rate: float = 1e-4
+    """Reward-model AdamW learning rate (TRL RewardTrainer)."""
+    rm_max_steps: int = 20
+    """Optimizer steps per reward-model fit."""
+    rm_batch_size: int = 8
+    """Preference pairs per reward-model optimizer step."""
+    rm_max_length: int = 256
+    """Token budget of a prompt and of a response; longer feedback is dropped (training/data.filter_long)."""
+    sft_on_corrections: bool = False
+    """Also fine-tune the policy on corrections (TRL SFTTrainer), pushed with the next policy version."""
+    feedback_batch: int = 64
+    """Most feedback events read for one fit (the rest wait for the next)."""
 
     # --- weights, checkpoints ----------------------------------------------------------------
     delta_push: bool = True
@@ -107,10 +137,38 @@ class LearnerConfig(ServerConfig):
     keep_checkpoints: int = 3
     """Complete checkpoints kept; older ones are deleted."""
 
+    # --- async rollouts (generation of batch k+1 overlaps training on batch k) -----------------
+    mode: str = "sync"
+    """'sync' (generate -> score -> train) or 'async' (a rollout thread fetches the next batch during training)."""
+    max_policy_lag: int = 1
+    """Async: samples more than this many versions behind the policy being trained are dropped or down-weighted."""
+    stale_policy: str = "drop"
+    """Async: what happens to samples over max_policy_lag: 'drop' (refill from the next batch) or 'downweight'."""
+    stale_downweight: float = 0.5
+    """Async, stale_policy=downweight: a sample's loss weight is this to the power of its versions over the lag."""
+    rollout_prefetch: int = 1
+    """Async: batches generated ahead of training (each one adds up to one version of staleness)."""
+    behaviour_ratio_cap: float = 2.0
+    """Async (decoupled PPO): truncation of the importance weight pi_prox / pi_behav (0 = none)."""
+
+    # --- policy registry and rollback guard -----------------------------------------------------
+    keep_policy_snapshots: int = 5
+    """Weight snapshots kept under checkpoint_dir/policies/ (newest, plus promoted ones); 0 disables rollback."""
+    guard_enabled: bool = False
+    """After each step, evaluate the new version and roll back automatically when a bound is violated."""
+    guard_min_reward_drop: float = 0.0
+    """Guard: roll back when the eval reward falls this far below the promoted version's (<= 0 = no check)."""
+    guard_max_kl: float = 0.0
+    """Guard: roll back when KL(new version || reference) on the eval prompts exceeds this (<= 0 = no check)."""
+    guard_eval_prompts: int = 8
+    """Guard: held-out prompts evaluated per step (samples_per_prompt completions each)."""
+    eval_prompts_file: str = ""
+    """Guard: JSONL (or builtin://sentiment) of held-out eval prompts; empty = the first prompts of prompts_file."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"algorithm={self.algorithm!r}: set ppo, grpo, rloo or rebel")
+            raise ConfigError(f"algorithm={self.algorithm!r}: set ppo, grpo, rloo, rebel or dpo")
         if not self.generator_targets:
             raise ConfigError(
                 "generator_targets is empty: set FLYWHEEL_LEARNER_GENERATOR_TARGETS=host:port[,host:port]"
@@ -127,6 +185,8 @@ class LearnerConfig(ServerConfig):
             raise ConfigError("gamma and gae_lambda must be in [0, 1]")
         if self.init_kl_coef < 0 or self.target_kl < 0:
             raise ConfigError("init_kl_coef and target_kl must be >= 0 (target_kl 0 = fixed coefficient)")
+        self._check_feedback()
+        self._check_async_and_guard()
 
     def _check_positive(self) -> None:
         for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
@@ -157,8 +217,51 @@ class LearnerConfig(ServerConfig):
                 f"algorithm={self.algorithm} keeps each prompt's samples together: set minibatch_size to a "
                 f"multiple of samples_per_prompt={self.samples_per_prompt}"
             )
+        if self.algorithm == "dpo" and self.samples_per_prompt < 2:
+            raise ConfigError("algorithm=dpo ranks samples of one prompt: set samples_per_prompt >= 2")
         if self.algorithm == "rebel" and self.samples_per_prompt % 2:
             raise ConfigError("algorithm=rebel compares pairs: set samples_per_prompt to an even number (2)")
+
+    def _check_feedback(self) -> None:
+        for name in ("rm_fit_every_steps", "rm_min_new_events", "rm_max_steps", "rm_batch_size", "feedback_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.rm_holdout_fraction < 1:
+            raise ConfigError(f"rm_holdout_fraction={self.rm_holdout_fraction}: set a share in [0, 1) (0 = no check)")
+        if self.rm_learning_rate <= 0 or self.dpo_beta <= 0:
+            raise ConfigError("rm_learning_rate and dpo_beta must be > 0")
+        if self.rm_max_length < 8:
+            raise ConfigError(f"rm_max_length={self.rm_max_length} must be at least 8")
+        if self.feedback_batch < self.rm_min_new_events:
+            raise ConfigError(
+                f"feedback_batch={self.feedback_batch} < rm_min_new_events={self.rm_min_new_events}: a fit could "
+                f"never start; set feedback_batch >= {self.rm_min_new_events}"
+            )
+        if self.feedback_learning and not self.reward_model:
+            raise ConfigError("feedback_learning needs reward_model: set the model the reward service serves")
+
+    def _check_async_and_guard(self) -> None:
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"mode={self.mode!r}: set 'sync' or 'async'")
+        if self.stale_policy not in ("drop", "downweight"):
+            raise ConfigError(f"stale_policy={self.stale_policy!r}: set 'drop' or 'downweight'")
+        if self.max_policy_lag < 0 or self.keep_policy_snapshots < 0 or self.behaviour_ratio_cap < 0:
+            raise ConfigError("max_policy_lag, keep_policy_snapshots and behaviour_ratio_cap must be >= 0")
+        if not 0 < self.stale_downweight <= 1:
+            raise ConfigError(f"stale_downweight={self.stale_downweight} must be in (0, 1]")
+        if not 1 <= self.rollout_prefetch <= 8:
+            raise ConfigError(f"rollout_prefetch={self.rollout_prefetch}: set 1..8 batches")
+        if self.guard_eval_prompts < 1:
+            raise ConfigError(f"guard_eval_prompts={self.guard_eval_prompts} must be at least 1")
+        if self.guard_enabled and self.keep_policy_snapshots == 0:
+            raise ConfigError("guard_enabled needs weight snapshots to roll back to: set keep_policy_snapshots >= 1")
+        if self.guard_enabled and not (self.eval_prompts_file or self.prompts_file):
+            raise ConfigError("guard_enabled evaluates held-out prompts: set eval_prompts_file (or prompts_file)")
+
+    @property
+    def rm_targets(self) -> tuple[str, ...]:
+        """Reward replicas that receive reward-model versions."""
+        return self.reward_targets or (self.reward_target,)
 
     @property
     def batch_size(self) -> int:

@@ -19,11 +19,15 @@ from typing import Any, Protocol
 import torch
 
 from flywheel.learner import checkpoint as ckpt
+from flywheel.learner.async_rollouts import AsyncRollouts
 from flywheel.learner.config import LearnerConfig
+from flywheel.learner.feedback_learning import FeedbackLearning
+from flywheel.learner.guard import eval_prompts, evaluate_served_policy, guard_violation
 from flywheel.learner.metrics import LearnerMetrics, MetricsLog
 from flywheel.learner.models import load_models
 from flywheel.learner.prompts import NoPrompts, PromptItem, PromptSource
 from flywheel.learner.publish import PolicyPublisher
+from flywheel.learner.registry import PolicyEntry, UnknownVersion
 from flywheel.learner.rollout import GeneratedBatch, Stopped
 from flywheel.learner.trainer import Rollout, Trainer
 
@@ -70,6 +74,9 @@ class Learner:
         self.metrics_log = MetricsLog(config.run_dir)
         self._checkpointed_step = -1
         self._pause_requested = False  # paused by Pause (phase PAUSED) rather than never started (IDLE)
+        self.async_rollouts: AsyncRollouts | None = None  # mode=async: the prefetching rollout thread
+        self._rollout_batches = 0  # async: batches requested (their sampling seeds)
+        self._registered = False  # the version we start from is in the policy registry
 
     # --- loading and resuming ----------------------------------------------------------------
     def load(self) -> None:
@@ -83,6 +90,9 @@ class Learner:
         self.trainer = Trainer(cfg, self.model, self.reference, pad_id if pad_id is not None else 0)
         self.prompt_source = PromptSource(cfg.prompts_file, cfg.prompt_stream, self.redis, cfg.seed)
         latest = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+        self.feedback = FeedbackLearning(cfg, self.metrics, self.redis) if cfg.feedback_learning else None
+        if self.feedback is not None:
+            self.feedback.load(ckpt.reward_model_dir(latest) if latest is not None else None)
         if latest is not None:
             self.restore(latest)
         self.metrics.policy_version.set(self.status_.policy_version)
@@ -97,6 +107,8 @@ class Learner:
             self.model.critic.load_state_dict(state["critic"])
         self.trainer.load_state_dict(state["trainer"])
         self.prompt_source.load_state_dict(state["prompts"])
+        if self.feedback is not None and state.get("feedback") is not None:
+            self.feedback.load_state_dict(state["feedback"])
         self.status_.step = int(meta["step"])
         self.status_.policy_version = int(meta["policy_version"])
         self.status_.last_checkpoint_path = str(path)
@@ -117,11 +129,15 @@ class Learner:
                 "critic": self.model.critic.state_dict() if self.model.critic is not None else None,
                 "trainer": self.trainer.state_dict(),
                 "prompts": self.prompt_source.state_dict(),
+                "feedback": self.feedback.state_dict() if self.feedback is not None else None,
             }
             meta = {"policy_version": self.status_.policy_version, "algorithm": self.config.algorithm,
                     "policy_model": self.config.policy_model, "metrics": self.status_.last_metrics}
             path = ckpt.save_checkpoint(self.config.checkpoint_dir, self.status_.step, meta, state,
-                                        self.model.policy, self.tokenizer, self.config.keep_checkpoints)
+                                        self.model.policy, self.tokenizer, self.config.keep_checkpoints,
+                                        self.feedback.checkpoint_model() if self.feedback is not None else None)
+            if self.feedback is not None:
+                self.feedback.after_checkpoint(state["feedback"])  # XACK what the checkpoint covers
             self.metrics.step_seconds.labels("checkpoint").observe(time.perf_counter() - start)
             self.status_.last_checkpoint_path = str(path)
             self.status_.last_checkpoint_time = time.time()
@@ -160,6 +176,8 @@ class Learner:
             if self._thread.is_alive():
                 log.warning("learner loop still busy after %.0fs; not checkpointing at shutdown", timeout)
                 return
+        if self.async_rollouts is not None:
+            self.async_rollouts.close()
         if hasattr(self, "trainer") and self.status_.step > self._checkpointed_step:
             self.save_checkpoint()
 
@@ -224,6 +242,8 @@ class Learner:
     def run_step(self) -> dict[str, float]:
         """One step: generate -> score -> train -> push (-> checkpoint). Returns the step's metrics."""
         assert self.rollouts is not None, "no rollout source configured"
+        if self.config.mode == "async":
+            return self._run_async_step()
         cfg, timings = self.config, dict[str, float]()
         start = time.perf_counter()
         with self._timed(timings, "generate"):
@@ -247,7 +267,7 @@ class Learner:
                 self.status_.step += 1
             with self._timed(timings, "push"):
                 self._set_phase("pushing")
-                self._publish(metrics)
+                self._publish(metrics, rm_version)
             timings["total"] = time.perf_counter() - start
             self._finish_step(metrics, timings, batch, rm_version)
         return metrics
@@ -257,6 +277,7 @@ class Learner:
         if self.publisher is None:
             return
         with self._lock:
+            self._register_start_version()
             version, report = self.publisher.sync(self.model.policy.state_dict(), self.status_.policy_version,
                                                   self.status_.step)
             self._set_version(version)
@@ -268,7 +289,7 @@ class Learner:
         self.status_.policy_version = version
         self.metrics.policy_version.set(version)
 
-    def _publish(self, metrics: dict[str, float]) -> None:
+    def _publish(self, metrics: dict[str, float], rm_version: int = 0) -> None:
         version = self.status_.policy_version + 1
         self._set_version(version)
         if self.publisher is None:
@@ -284,8 +305,10 @@ class Learner:
         metrics["push_bytes"] = float(report.bytes_sent)
         metrics["push_replicas_ok"] = float(len(report.ok))
         if report.ok:
-            self.publisher.record(version, self.status_.step, self.status_.last_checkpoint_path,
-                                  {k: metrics[k] for k in ("reward_mean", "kl") if k in metrics}, version - 1)
+            self.publisher.register(PolicyEntry(
+                version, parent_version=version - 1, step=self.status_.step, reward_model_version=rm_version,
+                data_window=self._data_window(), metrics={k: metrics[k] for k in ("reward_mean", "kl") if k in metrics},
+            ), self.model.policy.state_dict())
 
     def _finish_step(self, metrics: dict[str, float], timings: dict[str, float], batch: GeneratedBatch,
                      rm_version: int) -> None:
@@ -294,6 +317,7 @@ class Learner:
         metrics.update({f"seconds_{phase}": seconds for phase, seconds in timings.items()})
         lag = [self.status_.policy_version - 1 - v for v in batch.policy_versions]
         metrics["policy_lag_max"] = float(max(lag, default=0))
+        self._check_guard(metrics)
         self.status_.last_metrics = dict(metrics)
         self.status_.reward_model_version = rm_version
         self.metrics.observe_step(metrics, timings, n)
@@ -307,3 +331,156 @@ class Learner:
         if every and self.status_.step % every == 0:
             with self._timed(timings, "checkpoint"):
                 self.save_checkpoint()
+        # Between steps (sync and async): a reward-model fit from production feedback, checkpointed
+        # before its events are acked, then pushed to the reward replicas.
+        if self.feedback is not None:
+            self.feedback.run(self.status_.step, self._lock, self.model.policy, self.tokenizer,
+                              self.save_checkpoint, self.metrics_log)
+            self.status_.reward_model_version = max(self.status_.reward_model_version, self.feedback.rm_version)
+
+    # --- async mode: generation of the next batch overlaps training on this one ---------------
+    def _run_async_step(self) -> dict[str, float]:
+        """Takes a prefetched batch filtered for staleness (the next one starts generating), trains on
+        it with decoupled PPO, pushes. Holds the lock throughout, so a rollback never meets a half step."""
+        assert self.rollouts is not None, "no rollout source configured"
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        with self._lock:
+            if self.async_rollouts is None:
+                self.async_rollouts = AsyncRollouts(self.rollouts, self.config, self.stop_event)
+                self._rollout_batches = self.status_.step
+            with self._timed(timings, "generate"):  # only the generation that training did not hide
+                self._set_phase("generating")
+                self.sync_replicas()
+                selection, received = self.async_rollouts.next_selection(self.status_.policy_version,
+                                                                         self._draw_prompts)
+            for lag in selection.lags + selection.dropped_lags:
+                self.metrics.sample_staleness.observe(lag)
+            self.metrics.stale_dropped.inc(len(selection.dropped_lags))
+            rm_version = max(g.rm_version for g in selection.groups)
+            with self._timed(timings, "train"):
+                self._set_phase("training")
+                metrics = self.trainer.train_step(selection.rollout())
+                self.status_.step += 1
+            metrics.update(staleness_mean=sum(selection.lags) / len(selection.lags),
+                           staleness_max=float(max(selection.lags)), stale_dropped=float(len(selection.dropped_lags)))
+            if received:
+                metrics["seconds_rollout_generate"] = sum(r.seconds_generate for r in received) / len(received)
+                metrics["seconds_rollout_score"] = sum(r.seconds_score for r in received) / len(received)
+            with self._timed(timings, "push"):
+                self._set_phase("pushing")
+                self._publish(metrics, rm_version)
+            timings["total"] = time.perf_counter() - start
+            self._finish_step(metrics, timings, selection.generated_batch(), rm_version)
+        return metrics
+
+    def _draw_prompts(self) -> tuple[list[PromptItem], int]:
+        """The next batch's prompts and sampling seed (called on the learner's thread, under the lock)."""
+        with self._lock:
+            prompts = self.prompt_source.next_batch(self.config.prompts_per_step)
+            seed = self.config.seed * 1_000_003 + self._rollout_batches
+            self._rollout_batches += 1
+        return prompts, seed
+
+    # --- policy registry: lineage, promotion, rollback, guard -------------------------------------
+    def _data_window(self) -> str:
+        position = self.prompt_source.state_dict()
+        return f"prompts stream<={position['stream_id']} file epoch {position['epoch']} index {position['index']}"
+
+    def _register_start_version(self) -> None:
+        """Registers (with a snapshot) the version the learner starts from, so it can be rolled back to."""
+        if self._registered or self.publisher is None:
+            return
+        version = self.status_.policy_version
+        if self.publisher.registry.get(version) is None:
+            self.publisher.register(PolicyEntry(version, step=self.status_.step, data_window=self._data_window(),
+                                                reason="initial" if version == 0 else "resumed"),
+                                    self.model.policy.state_dict())
+        self._registered = True
+
+    def promote_policy(self, version: int) -> PolicyEntry:
+        """Marks ``version`` known-good (the default rollback target); UnknownVersion / NotRestorable."""
+        if self.publisher is None:
+            raise RuntimeError("the learner has no policy registry yet")
+        return self.publisher.registry.promote(version)
+
+    def rollback_target(self) -> int:
+        """The default rollback target: the promoted version, else the current version's parent."""
+        assert self.publisher is not None
+        registry, current = self.publisher.registry, self.status_.policy_version
+        promoted = registry.promoted_version()
+        if promoted is not None and promoted != current:
+            return promoted
+        entry = registry.get(current)
+        if entry is None or entry.parent_version < 0:
+            raise UnknownVersion(f"version {current} has no registered parent to roll back to; pass a version")
+        return entry.parent_version
+
+    def rollback_policy(self, version: int | None = None, reason: str = "manual") -> tuple[int, int]:
+        """Restores registered ``version`` (None = ``rollback_target()``) bit for bit and pushes it to every
+        generator as a new, higher version. Returns (new version, restored version).
+
+        The policy weights come from the version's snapshot; the optimizer's moments are reset (they
+        belong to the abandoned trajectory and would push the weights back along it); the value
+        head / critic, KL controller and LR schedule are kept (a baseline, not the behaviour being
+        undone). Prefetched async samples are discarded. If no replica accepts the push nothing
+        changes (RuntimeError).
+        """
+        if self.publisher is None:
+            raise RuntimeError("the learner has no publisher yet")
+        from flywheel.learner.targets import resolve_targets
+
+        registry = self.publisher.registry
+        with self._lock:
+            target = version if version is not None else self.rollback_target()
+            state = registry.load_snapshot(target)  # UnknownVersion / NotRestorable
+            parent = self.status_.policy_version
+            new_version = max(parent, registry.current_version()) + 1
+            report = self.publisher.push(state, new_version, resolve_targets(self.config.generator_targets),
+                                         {"step": str(self.status_.step), "reason": f"rollback to {target}"})
+            self.metrics.push_bytes.inc(report.bytes_sent)
+            self.metrics.push_failures.inc(len(report.failed))
+            if not report.ok:
+                self.publisher.base, self.publisher.base_version = None, -1
+                raise RuntimeError(f"rollback to version {target}: no generator accepted the push ({report.failed})")
+            self.model.policy.load_state_dict(state)
+            self.trainer.optimizer.state.clear()
+            if self.async_rollouts is not None:
+                self.async_rollouts.discard()
+            self._set_version(new_version)
+            restored = registry.get(target)
+            self.publisher.register(PolicyEntry(
+                new_version, parent_version=parent, step=self.status_.step,
+                reward_model_version=restored.reward_model_version if restored else 0,
+                data_window=self._data_window(), metrics=dict(restored.metrics) if restored else {},
+                restored_from=target, reason=f"rollback:{reason}",
+            ), state)
+            self.metrics.rollbacks.labels(reason).inc()
+        log.warning("rolled back to version %d (%s): serving it as version %d", target, reason, new_version)
+        return new_version, target
+
+    def _check_guard(self, metrics: dict[str, float]) -> None:
+        """After a push: evaluate the served version; roll back when it violates a configured bound."""
+        cfg = self.config
+        if not cfg.guard_enabled or self.publisher is None or self.rollouts is None:
+            return
+        registry, version = self.publisher.registry, self.status_.policy_version
+        pad_id = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
+        evaluation = evaluate_served_policy(self.rollouts, self.reference, eval_prompts(cfg), cfg,
+                                            pad_id if pad_id is not None else 0)
+        metrics.update(eval_reward=evaluation.reward, eval_kl=evaluation.kl)
+        registry.update_metrics(version, {"eval_reward": evaluation.reward, "eval_kl": evaluation.kl})
+        promoted = registry.promoted_version()
+        promoted_entry = registry.get(promoted) if promoted is not None and promoted != version else None
+        reason = guard_violation(cfg, evaluation, promoted_entry.metrics.get("eval_reward") if promoted_entry else None)
+        if reason is None:
+            return
+        log.warning("guard: version %d violates %s (eval reward %.4f, KL %.4f): rolling back", version, reason,
+                    evaluation.reward, evaluation.kl)
+        try:
+            _new_version, restored = self.rollback_policy(None, reason)
+        except Exception as exc:  # the step itself succeeded; the guard reports and tries again next step
+            log.error("guard: rollback after %s failed: %s", reason, exc)
+            metrics["guard_rollback_failed"] = 1.0
+            return
+        metrics.update(guard_rollback_from=float(version), guard_rollback_to=float(restored))

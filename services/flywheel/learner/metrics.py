@@ -26,7 +26,11 @@ GAUGES = {
     "samples_per_second": "samples_per_second",
     "completion_tokens_mean": "completion_tokens_mean",
     "behaviour_logprob_diff": "behaviour_logprob_diff",
+    "behaviour_kl": "behaviour_kl",
+    "eval_reward": "eval_reward",
+    "eval_kl": "eval_kl",
 }
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)
 
 
 class LearnerMetrics:
@@ -59,6 +63,31 @@ class LearnerMetrics:
         )
         self.waiting = Gauge("flywheel_learner_waiting", "1 while the learner waits for a service",
                              registry=registry)
+        self.sample_staleness = Histogram(
+            "flywheel_learner_sample_staleness_versions",
+            "Async: versions between a sample's policy and the policy it was considered for (trained or dropped)",
+            buckets=STALENESS_BUCKETS, registry=registry,
+        )
+        self.stale_dropped = Counter(
+            "flywheel_learner_stale_samples_dropped_total", "Async: samples dropped for exceeding max_policy_lag",
+            registry=registry,
+        )
+        self.rollbacks = Counter(
+            "flywheel_learner_rollbacks_total", "Policy rollbacks (manual, or the guard's reason)", ["reason"],
+            registry=registry,
+        )
+        # Learning from feedback (flywheel.learner.feedback_learning).
+        self.rm_fits = Counter("flywheel_learner_rm_fits_total", "Reward-model fits by outcome (pushed, skipped)",
+                               ["outcome"], registry=registry)
+        self.rm_heldout_accuracy = Gauge("flywheel_learner_rm_heldout_accuracy",
+                                         "Pairwise accuracy of the last fitted reward model on its held-out slice",
+                                         registry=registry)
+        self.feedback_events_consumed = Counter(
+            "flywheel_learner_feedback_events_consumed_total",
+            "Feedback events whose fit was checkpointed and acked", registry=registry,
+        )
+        self.reward_model_version = Gauge("flywheel_learner_reward_model_version",
+                                          "Reward-model version the learner last pushed", registry=registry)
 
     def observe_step(self, metrics: Mapping[str, float], timings: Mapping[str, float], samples: int) -> None:
         for key, gauge in self.gauges.items():

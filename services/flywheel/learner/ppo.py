@@ -136,6 +136,57 @@ def clipped_policy_loss(
     return PolicyLossOut(loss, clipfrac, approx_kl)
 
 
+# --- decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization") ----------
+# Async rollouts come from a *behaviour* policy (the version the generator served) that may lag the
+# *proximal* policy (the learner's weights when the update starts, whose logprobs are recomputed).
+# The objective separates the two: an importance weight pi_prox / pi_behav corrects for off-policy
+# data, and the clipped surrogate keeps pi_theta near pi_prox (not near the stale behaviour policy):
+#   L = E_behav[ w * max(-A * r, -A * clip(r, 1 - eps, 1 + eps)) ],  w = pi_prox / pi_behav,
+#   r = pi_theta / pi_prox.
+# With behaviour == proximal, w = 1 and this is exactly ``clipped_policy_loss``.
+
+
+def behaviour_importance_weights(
+    prox_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """w = pi_prox / pi_behav per token, truncated at ``cap`` (V-trace's rho-bar; 0 = no cap). (B, T), no grad."""
+    weights = torch.exp(prox_logprobs.detach() - behaviour_logprobs.detach())
+    return weights.clamp(max=cap) if cap > 0 else weights
+
+
+def decoupled_policy_loss(
+    logprobs: torch.Tensor,
+    prox_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_coef: float,
+    weight_cap: float = 0.0,
+    sample_weights: torch.Tensor | None = None,
+) -> PolicyLossOut:
+    """Decoupled clipped surrogate, averaged over real tokens. Inputs (B, T); ``sample_weights`` (B,)
+    scale each sample's contribution (stale samples down-weighted) without renormalising."""
+    weights = behaviour_importance_weights(prox_logprobs, behaviour_logprobs, weight_cap)  # (B, T)
+    if sample_weights is not None:
+        weights = weights * sample_weights[:, None]
+    log_ratio = logprobs - prox_logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
+    loss = masked_mean(weights * torch.max(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg_loss2 > pg_loss1).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # k3 of prox || new
+    return PolicyLossOut(loss, clipfrac, approx_kl)
+
+
+def behaviour_kl(behaviour_logprobs: torch.Tensor, prox_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi_behav || pi_prox) from the behaviour samples: per-token k3, summed over each completion,
+    averaged over samples (the convention of the ``kl`` metric). Scalar, >= 0."""
+    per_token = kl_estimate(behaviour_logprobs, prox_logprobs, "k3") * mask  # (B, T)
+    return per_token.sum(1).mean()
+
+
 def clipped_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_vf: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

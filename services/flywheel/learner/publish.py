@@ -5,11 +5,11 @@ A replica that acknowledged the previous version gets a delta against it (when `
 any other replica gets the full weights. ``sync`` asks every replica its version (GetPolicy): an
 older one gets the current version re-pushed in full; a newer one (pushed by a learner run whose
 checkpoint was lost, or before a kill -9) makes the learner jump past it, so versions never repeat.
+Every new version is registered (``registry.py``: lineage in Redis, weight snapshot on disk).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -20,25 +20,14 @@ from typing import Any
 import grpc
 import torch
 
-from flywheel.common import keys
 from flywheel.common.server import channel_options
 from flywheel.common.weight_push import push_weights
 from flywheel.learner.config import LearnerConfig
+from flywheel.learner.registry import PolicyEntry, PolicyRegistry
 from flywheel.learner.targets import resolve_targets
 from flywheel.v1 import generator_pb2, generator_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-# Writes the version only if it is newer than the recorded one (monotonic even with two learners).
-_RECORD_SCRIPT = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '-1')
-if tonumber(ARGV[1]) <= current then return 0 end
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'step', ARGV[2], 'updated_at', ARGV[3],
-           'checkpoint_uri', ARGV[4], 'pusher', ARGV[5])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[6])
-return 1
-"""
-
 
 @dataclass
 class PushReport:
@@ -58,6 +47,7 @@ class PolicyPublisher:
         self.acked: dict[str, int] = {}  # replica -> version it confirmed
         self.base: dict[str, torch.Tensor] | None = None  # the state of the last pushed version
         self.base_version = -1
+        self.registry = PolicyRegistry(redis, config.checkpoint_dir, config.keep_policy_snapshots, pusher)
 
     # --- replica versions ------------------------------------------------------------------
     def replica_versions(self) -> dict[str, int | Exception]:
@@ -80,10 +70,7 @@ class PolicyPublisher:
             return dict(zip(targets, pool.map(ask, targets), strict=True))
 
     def recorded_version(self) -> int:
-        if self.redis is None:
-            return 0
-        value = self.redis.hget(keys.POLICY, "version")
-        return int(value) if value is not None else 0
+        return self.registry.current_version()
 
     # --- pushes ------------------------------------------------------------------------------
     def push(self, state: Mapping[str, torch.Tensor], version: int, targets: list[str],
@@ -126,6 +113,7 @@ class PolicyPublisher:
         Replicas behind get ``version`` in full; if any replica is *ahead*, the current weights are
         pushed to all as a new version above it (versions never repeat or go back).
         """
+        requested = version
         versions = self.replica_versions()
         reachable = {t: v for t, v in versions.items() if isinstance(v, int)}
         for target, err in versions.items():
@@ -141,23 +129,20 @@ class PolicyPublisher:
         for target, v in reachable.items():
             if v == version:
                 self.acked.setdefault(target, version)
+        if version != requested:
+            self.register(PolicyEntry(version, parent_version=requested, step=step, reason="resync"), state)
         if not targets:
             return version, None
         for target in targets:
             self.acked.pop(target, None)  # full push: their weights are not our base
             log.info("replica %s serves version %d, pushing version %d (full)", target, reachable[target], version)
         report = self.push(state, version, targets, {"step": str(step), "reason": "resync"})
-        if report.ok:
-            self.record(version, step, "")
         return version, report
 
-    def record(self, version: int, step: int, checkpoint_uri: str, metrics: Mapping[str, float] | None = None,
-               parent_version: int = -1) -> None:
-        """Records ``version`` as current in Redis (only if newer) and in the policy registry."""
+    def register(self, entry: PolicyEntry, state: Mapping[str, torch.Tensor]) -> PolicyEntry:
+        """Snapshots ``state`` as ``entry.version`` and records the entry (current if newest); no-op without Redis."""
         if self.redis is None:
-            return
-        entry = json.dumps({"version": version, "parent_version": parent_version, "step": step,
-                            "checkpoint_uri": checkpoint_uri, "created_at": time.time(),
-                            "metrics": dict(metrics or {})})
-        self.redis.eval(_RECORD_SCRIPT, 2, keys.POLICY, keys.POLICY_REGISTRY, version, step, time.time(),
-                        checkpoint_uri, self.pusher, entry)
+            return entry
+        entry.checkpoint_uri = self.registry.save_snapshot(entry.version, state)
+        self.registry.record(entry)
+        return entry

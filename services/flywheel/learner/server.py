@@ -19,7 +19,8 @@ from flywheel.v1 import learner_pb2, learner_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = learner_pb2.DESCRIPTOR.services_by_name["LearnerService"].full_name
-INTERNAL_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("Pause", "Resume", "Checkpoint", "RollbackPolicy"))
+INTERNAL_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("Pause", "Resume", "Checkpoint", "RollbackPolicy",
+                                                                  "PromotePolicy"))
 
 
 def build_server(config: LearnerConfig) -> ServiceServer:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flywheel.common import keys
 from flywheel.learner.core import Learner, LearnerStatus
+from flywheel.learner.registry import NotRestorable, PolicyEntry, PolicyRegistry, UnknownVersion
 from flywheel.v1 import learner_pb2, learner_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -27,6 +26,8 @@ PHASES = {
     "idle": learner_pb2.LEARNER_PHASE_IDLE,
 }
 MAX_REASON = 1024
+DEFAULT_LIST = 50
+MAX_LIST = 10_000
 
 
 def status_pb(status: LearnerStatus) -> learner_pb2.LearnerStatus:
@@ -76,29 +77,63 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.CheckpointResponse(path=str(path), step=status.step,
                                               policy_version=status.policy_version)
 
+    def _registry(self, context: grpc.ServicerContext) -> PolicyRegistry:
+        self._require_loaded(context)
+        publisher = self.learner.publisher
+        if publisher is None or publisher.redis is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the learner has no policy registry (no Redis) yet")
+        assert publisher is not None  # abort raised otherwise
+        return publisher.registry
+
     def ListPolicies(self, request: Any, context: grpc.ServicerContext) -> Any:
-        redis = self.learner.redis
-        if redis is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the learner has no Redis connection yet")
-        limit = request.limit or 50
+        registry = self._registry(context)
+        if request.limit > MAX_LIST:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit={request.limit}: at most {MAX_LIST}")
         current = self.learner.status().policy_version
-        records = []
-        for raw in redis.hvals(keys.POLICY_REGISTRY):
-            entry = json.loads(raw)
-            stamp = Timestamp()
-            stamp.FromNanoseconds(int(float(entry.get("created_at", 0)) * 1e9))
-            records.append(learner_pb2.PolicyRecord(
-                version=int(entry["version"]), parent_version=int(entry.get("parent_version", -1)),
-                step=int(entry.get("step", 0)), checkpoint_uri=entry.get("checkpoint_uri", ""),
-                created_at=stamp, metrics={k: float(v) for k, v in entry.get("metrics", {}).items()},
-                current=int(entry["version"]) == current,
-            ))
-        records.sort(key=lambda r: r.version, reverse=True)
-        return learner_pb2.ListPoliciesResponse(policies=records[:limit])
+        entries = registry.entries(request.limit or DEFAULT_LIST)
+        return learner_pb2.ListPoliciesResponse(policies=[record_pb(e, current, registry) for e in entries])
+
+    def PromotePolicy(self, request: Any, context: grpc.ServicerContext) -> Any:
+        registry = self._registry(context)
+        if request.version < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version={request.version}: must be >= 0")
+        try:
+            entry = self.learner.promote_policy(request.version)
+        except UnknownVersion:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"policy version {request.version} is not registered")
+        except NotRestorable as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return learner_pb2.PromotePolicyResponse(
+            policy=record_pb(entry, self.learner.status().policy_version, registry))
 
     def RollbackPolicy(self, request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "RollbackPolicy is not implemented yet: restore an earlier checkpoint by moving newer "
-            "step-* directories out of checkpoint_dir and restarting the learner",
-        )
+        self._registry(context)
+        version = request.version if request.HasField("version") else None
+        if version is not None and version < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version={version}: must be >= 0 (unset = default)")
+        if len(request.reason) > MAX_REASON:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reason is longer than {MAX_REASON} characters")
+        try:  # waits for the current step to finish
+            new_version, restored = self.learner.rollback_policy(version, "manual")
+        except UnknownVersion as exc:
+            what = f"policy version {version} is not registered" if version is not None else str(exc.args[0])
+            context.abort(grpc.StatusCode.NOT_FOUND, what)
+        except NotRestorable as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except RuntimeError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        log.warning("rollback by RPC%s: version %d restored as %d",
+                    f" ({request.reason})" if request.reason else "", restored, new_version)
+        return learner_pb2.RollbackPolicyResponse(new_policy_version=new_version, restored_from_version=restored)
+
+
+def record_pb(entry: PolicyEntry, current: int, registry: PolicyRegistry) -> learner_pb2.PolicyRecord:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(entry.created_at * 1e9))
+    return learner_pb2.PolicyRecord(
+        version=entry.version, parent_version=entry.parent_version, step=entry.step,
+        reward_model_version=entry.reward_model_version, checkpoint_uri=entry.checkpoint_uri, created_at=stamp,
+        metrics={k: float(v) for k, v in entry.metrics.items()}, data_window=entry.data_window,
+        current=entry.version == current, restored_from_version=entry.restored_from, promoted=entry.promoted,
+        reason=entry.reason, restorable=registry.restorable(entry),
+    )

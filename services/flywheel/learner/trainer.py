@@ -22,9 +22,11 @@ from flywheel.learner.config import LearnerConfig
 from flywheel.learner.models import ActorCritic, SequenceBatch, build_batch, reference_logprobs
 from flywheel.learner.ppo import (
     AdaptiveKLController,
+    behaviour_kl,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
+    decoupled_policy_loss,
     group_advantages,
     kl_estimate,
     masked_mean,
@@ -44,6 +46,8 @@ class Rollout:
     truncated: list[bool]
     behaviour_logprobs: list[list[float]] = field(default_factory=list)
     policy_versions: list[int] = field(default_factory=list)
+    sample_weights: list[float] = field(default_factory=list)
+    """Async, stale_policy=downweight: per-sample loss weights (empty = all 1)."""
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -60,6 +64,9 @@ class Experience:
     advantages: torch.Tensor  # (B, T)
     returns: torch.Tensor  # (B, T)
     scores: torch.Tensor  # (B,) sequence reward the algorithm regresses on (REBEL) or reports
+    # Async mode (decoupled PPO): the generator's logprobs, and per-sample loss weights.
+    behaviour_logprobs: torch.Tensor | None = None  # (B, T); old_logprobs where the generator sent none
+    sample_weights: torch.Tensor | None = None  # (B,)
 
 
 class Trainer:
@@ -128,7 +135,21 @@ class Trainer:
             "truncated_frac": truncated.mean().item(),
         }
         metrics.update(self._behaviour_drift(rollout, old_logprobs, mask))
+        if cfg.mode == "async":
+            self._add_behaviour(exp, rollout, metrics)
         return exp, metrics
+
+    def _add_behaviour(self, exp: Experience, rollout: Rollout, metrics: dict[str, float]) -> None:
+        """Async: behaviour logprobs (proximal ones where missing) and sample weights for decoupled PPO."""
+        mask = exp.batch.mask
+        behaviour = exp.old_logprobs.clone()  # (B, T)
+        for b, row in enumerate(rollout.behaviour_logprobs):
+            n = min(len(row), behaviour.shape[1])
+            behaviour[b, :n] = torch.tensor(row[:n])
+        exp.behaviour_logprobs = behaviour * mask + exp.old_logprobs * (1 - mask)
+        if rollout.sample_weights:
+            exp.sample_weights = torch.tensor(rollout.sample_weights, dtype=torch.float32)  # (B,)
+        metrics["behaviour_kl"] = behaviour_kl(exp.behaviour_logprobs, exp.old_logprobs, mask).item()
 
     def _behaviour_drift(self, rollout: Rollout, old_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
         """Mean |behaviour - recomputed| logprob: ~0 when the generator runs the learner's weights."""
@@ -156,7 +177,12 @@ class Trainer:
             seq_log_ratio = ((out.logprobs - exp.old_logprobs[idx]) * mask).sum(1)  # (b,)
             loss = rebel_loss(seq_log_ratio, exp.scores[idx], cfg.rebel_eta)
             return loss, {"policy_loss": loss.detach()}
-        pg = clipped_policy_loss(out.logprobs, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_coef)
+        if exp.behaviour_logprobs is not None:  # async: decoupled PPO against the proximal policy
+            weights = exp.sample_weights[idx] if exp.sample_weights is not None else None
+            pg = decoupled_policy_loss(out.logprobs, exp.old_logprobs[idx], exp.behaviour_logprobs[idx],
+                                       exp.advantages[idx], mask, cfg.clip_coef, cfg.behaviour_ratio_cap, weights)
+        else:
+            pg = clipped_policy_loss(out.logprobs, exp.old_logprobs[idx], exp.advantages[idx], mask, cfg.clip_coef)
         stats = {"policy_loss": pg.loss.detach(), "clipfrac": pg.clipfrac, "approx_kl": pg.approx_kl}
         loss = pg.loss
         if cfg.algorithm == "grpo":
@@ -200,6 +226,13 @@ class Trainer:
         """make_experience -> update -> KL controller; returns the step's metrics."""
         if len(rollout) != self.config.batch_size:
             raise ValueError(f"rollout has {len(rollout)} samples, expected {self.config.batch_size}")
+        if self.config.algorithm == "dpo":  # online DPO: best vs worst of each prompt's samples
+            from flywheel.learner.dpo import dpo_step
+
+            metrics = dpo_step(self, rollout)
+            self.step += 1
+            metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
+            return metrics
         exp, metrics = self.make_experience(rollout)
         metrics.update(self.update(exp))
         self.kl_ctl.update(metrics["kl"], len(rollout))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/learner.proto\x12\x0b\x66lywheel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x03\n\rLearnerStatus\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12(\n\x05phase\x18\x03 \x01(\x0e\x32\x19.flywheel.v1.LearnerPhase\x12\x0e\n\x06paused\x18\x04 \x01(\x08\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x41\n\x0clast_metrics\x18\x06 \x03(\x0b\x32+.flywheel.v1.LearnerStatus.LastMetricsEntry\x12\x0f\n\x07run_dir\x18\x07 \x01(\t\x12\x1c\n\x14last_checkpoint_path\x18\x08 \x01(\t\x12\x38\n\x14last_checkpoint_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14reward_model_version\x18\n \x01(\x03\x12\x16\n\x0ewaiting_reason\x18\x0b \x01(\t\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetStatusRequest\"?\n\x11GetStatusResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.flywheel.v1.LearnerStatus\"\x1e\n\x0cPauseRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\";\n\rPauseResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.flywheel.v1.LearnerStatus\"\x0f\n\rResumeRequest\"<\n\x0eResumeResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.flywheel.v1.LearnerStatus\"\x13\n\x11\x43heckpointRequest\"H\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\"\xba\x02\n\x0cPolicyRecord\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x16\n\x0eparent_version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x1c\n\x14reward_model_version\x18\x04 \x01(\x03\x12\x16\n\x0e\x63heckpoint_uri\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x07metrics\x18\x07 \x03(\x0b\x32&.flywheel.v1.PolicyRecord.MetricsEntry\x12\x13\n\x0b\x64\x61ta_window\x18\x08 \x01(\t\x12\x0f\n\x07\x63urrent\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"$\n\x13ListPoliciesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"C\n\x14ListPoliciesResponse\x12+\n\x08policies\x18\x01 \x03(\x0b\x32\x19.flywheel.v1.PolicyRecord\"8\n\x15RollbackPolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"S\n\x16RollbackPolicyResponse\x12\x1a\n\x12new_policy_version\x18\x01 \x01(\x03\x12\x1d\n\x15restored_from_version\x18\x02 \x01(\x03*\xcf\x02\n\x0cLearnerPhase\x12\x1d\n\x19LEARNER_PHASE_UNSPECIFIED\x10\x00\x12\x1a\n\x16LEARNER_PHASE_STARTING\x10\x01\x12\x1c\n\x18LEARNER_PHASE_GENERATING\x10\x02\x12\x19\n\x15LEARNER_PHASE_SCORING\x10\x03\x12\x1a\n\x16LEARNER_PHASE_TRAINING\x10\x04\x12\x19\n\x15LEARNER_PHASE_PUSHING\x10\x05\x12\x1f\n\x1bLEARNER_PHASE_CHECKPOINTING\x10\x06\x12&\n\"LEARNER_PHASE_FITTING_REWARD_MODEL\x10\x07\x12\x18\n\x14LEARNER_PHASE_PAUSED\x10\x08\x12\x19\n\x15LEARNER_PHASE_WAITING\x10\t\x12\x16\n\x12LEARNER_PHASE_IDLE\x10\n2\xde\x03\n\x0eLearnerService\x12J\n\tGetStatus\x12\x1d.flywheel.v1.GetStatusRequest\x1a\x1e.flywheel.v1.GetStatusResponse\x12>\n\x05Pause\x12\x19.flywheel.v1.PauseRequest\x1a\x1a.flywheel.v1.PauseResponse\x12\x41\n\x06Resume\x12\x1a.flywheel.v1.ResumeRequest\x1a\x1b.flywheel.v1.ResumeResponse\x12M\n\nCheckpoint\x12\x1e.flywheel.v1.CheckpointRequest\x1a\x1f.flywheel.v1.CheckpointResponse\x12S\n\x0cListPolicies\x12 .flywheel.v1.ListPoliciesRequest\x1a!.flywheel.v1.ListPoliciesResponse\x12Y\n\x0eRollbackPolicy\x12\".flywheel.v1.RollbackPolicyRequest\x1a#.flywheel.v1.RollbackPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/learner.proto\x12\x0b\x66lywheel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x03\n\rLearnerStatus\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12(\n\x05phase\x18\x03 \x01(\x0e\x32\x19.flywheel.v1.LearnerPhase\x12\x0e\n\x06paused\x18\x04 \x01(\x08\x12\x11\n\talgorithm\x18\x05 \x01(\t\x12\x41\n\x0clast_metrics\x18\x06 \x03(\x0b\x32+.flywheel.v1.LearnerStatus.LastMetricsEntry\x12\x0f\n\x07run_dir\x18\x07 \x01(\t\x12\x1c\n\x14last_checkpoint_path\x18\x08 \x01(\t\x12\x38\n\x14last_checkpoint_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14reward_model_version\x18\n \x01(\x03\x12\x16\n\x0ewaiting_reason\x18\x0b \x01(\t\x1a\x32\n\x10LastMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10GetStatusRequest\"?\n\x11GetStatusResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.flywheel.v1.LearnerStatus\"\x1e\n\x0cPauseRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\";\n\rPauseResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.flywheel.v1.LearnerStatus\"\x0f\n\rResumeRequest\"<\n\x0eResumeResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.flywheel.v1.LearnerStatus\"\x13\n\x11\x43heckpointRequest\"H\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\"\x8f\x03\n\x0cPolicyRecord\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x16\n\x0eparent_version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x1c\n\x14reward_model_version\x18\x04 \x01(\x03\x12\x16\n\x0e\x63heckpoint_uri\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x07metrics\x18\x07 \x03(\x0b\x32&.flywheel.v1.PolicyRecord.MetricsEntry\x12\x13\n\x0b\x64\x61ta_window\x18\x08 \x01(\t\x12\x0f\n\x07\x63urrent\x18\t \x01(\x08\x12\x1d\n\x15restored_from_version\x18\n \x01(\x03\x12\x10\n\x08promoted\x18\x0b \x01(\x08\x12\x0e\n\x06reason\x18\x0c \x01(\t\x12\x12\n\nrestorable\x18\r \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"$\n\x13ListPoliciesRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"C\n\x14ListPoliciesResponse\x12+\n\x08policies\x18\x01 \x03(\x0b\x32\x19.flywheel.v1.PolicyRecord\"I\n\x15RollbackPolicyRequest\x12\x14\n\x07version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x02 \x01(\tB\n\n\x08_version\"S\n\x16RollbackPolicyResponse\x12\x1a\n\x12new_policy_version\x18\x01 \x01(\x03\x12\x1d\n\x15restored_from_version\x18\x02 \x01(\x03\"\'\n\x14PromotePolicyRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"B\n\x15PromotePolicyResponse\x12)\n\x06policy\x18\x01 \x01(\x0b\x32\x19.flywheel.v1.PolicyRecord*\xcf\x02\n\x0cLearnerPhase\x12\x1d\n\x19LEARNER_PHASE_UNSPECIFIED\x10\x00\x12\x1a\n\x16LEARNER_PHASE_STARTING\x10\x01\x12\x1c\n\x18LEARNER_PHASE_GENERATING\x10\x02\x12\x19\n\x15LEARNER_PHASE_SCORING\x10\x03\x12\x1a\n\x16LEARNER_PHASE_TRAINING\x10\x04\x12\x19\n\x15LEARNER_PHASE_PUSHING\x10\x05\x12\x1f\n\x1bLEARNER_PHASE_CHECKPOINTING\x10\x06\x12&\n\"LEARNER_PHASE_FITTING_REWARD_MODEL\x10\x07\x12\x18\n\x14LEARNER_PHASE_PAUSED\x10\x08\x12\x19\n\x15LEARNER_PHASE_WAITING\x10\t\x12\x16\n\x12LEARNER_PHASE_IDLE\x10\n2\xb6\x04\n\x0eLearnerService\x12J\n\tGetStatus\x12\x1d.flywheel.v1.GetStatusRequest\x1a\x1e.flywheel.v1.GetStatusResponse\x12>\n\x05Pause\x12\x19.flywheel.v1.PauseRequest\x1a\x1a.flywheel.v1.PauseResponse\x12\x41\n\x06Resume\x12\x1a.flywheel.v1.ResumeRequest\x1a\x1b.flywheel.v1.ResumeResponse\x12M\n\nCheckpoint\x12\x1e.flywheel.v1.CheckpointRequest\x1a\x1f.flywheel.v1.CheckpointResponse\x12S\n\x0cListPolicies\x12 .flywheel.v1.ListPoliciesRequest\x1a!.flywheel.v1.ListPoliciesResponse\x12Y\n\x0eRollbackPolicy\x12\".flywheel.v1.RollbackPolicyRequest\x1a#.flywheel.v1.RollbackPolicyResponse\x12V\n\rPromotePolicy\x12!.flywheel.v1.PromotePolicyRequest\x1a\".flywheel.v1.PromotePolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEARNERSTATUS_LASTMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_POLICYRECORD_METRICSENTRY']._loaded_options = None
   _globals['_POLICYRECORD_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_LEARNERPHASE']._serialized_start=1406
-  _globals['_LEARNERPHASE']._serialized_end=1741
+  _globals['_LEARNERPHASE']._serialized_start=1617
+  _globals['_LEARNERPHASE']._serialized_end=1952
   _globals['_LEARNERSTATUS']._serialized_start=76
   _globals['_LEARNERSTATUS']._serialized_end=484
   _globals['_LEARNERSTATUS_LASTMETRICSENTRY']._serialized_start=434
@@ -59,17 +59,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKPOINTRESPONSE']._serialized_start=764
   _globals['_CHECKPOINTRESPONSE']._serialized_end=836
   _globals['_POLICYRECORD']._serialized_start=839
-  _globals['_POLICYRECORD']._serialized_end=1153
-  _globals['_POLICYRECORD_METRICSENTRY']._serialized_start=1107
-  _globals['_POLICYRECORD_METRICSENTRY']._serialized_end=1153
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=1155
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=1191
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=1193
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=1260
-  _globals['_ROLLBACKPOLICYREQUEST']._serialized_start=1262
-  _globals['_ROLLBACKPOLICYREQUEST']._serialized_end=1318
-  _globals['_ROLLBACKPOLICYRESPONSE']._serialized_start=1320
-  _globals['_ROLLBACKPOLICYRESPONSE']._serialized_end=1403
-  _globals['_LEARNERSERVICE']._serialized_start=1744
-  _globals['_LEARNERSERVICE']._serialized_end=2222
+  _globals['_POLICYRECORD']._serialized_end=1238
+  _globals['_POLICYRECORD_METRICSENTRY']._serialized_start=1192
+  _globals['_POLICYRECORD_METRICSENTRY']._serialized_end=1238
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=1240
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=1276
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=1278
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=1345
+  _globals['_ROLLBACKPOLICYREQUEST']._serialized_start=1347
+  _globals['_ROLLBACKPOLICYREQUEST']._serialized_end=1420
+  _globals['_ROLLBACKPOLICYRESPONSE']._serialized_start=1422
+  _globals['_ROLLBACKPOLICYRESPONSE']._serialized_end=1505
+  _globals['_PROMOTEPOLICYREQUEST']._serialized_start=1507
+  _globals['_PROMOTEPOLICYREQUEST']._serialized_end=1546
+  _globals['_PROMOTEPOLICYRESPONSE']._serialized_start=1548
+  _globals['_PROMOTEPOLICYRESPONSE']._serialized_end=1614
+  _globals['_LEARNERSERVICE']._serialized_start=1955
+  _globals['_LEARNERSERVICE']._serialized_end=2521
 # @@protoc_insertion_point(module_scope)

@@ -115,7 +115,7 @@ class CheckpointResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class PolicyRecord(_message.Message):
-    __slots__ = ("version", "parent_version", "step", "reward_model_version", "checkpoint_uri", "created_at", "metrics", "data_window", "current")
+    __slots__ = ("version", "parent_version", "step", "reward_model_version", "checkpoint_uri", "created_at", "metrics", "data_window", "current", "restored_from_version", "promoted", "reason", "restorable")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,10 @@ class PolicyRecord(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     DATA_WINDOW_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RESTORABLE_FIELD_NUMBER: _ClassVar[int]
     version: int
     parent_version: int
     step: int
@@ -141,7 +145,11 @@ class PolicyRecord(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     data_window: str
     current: bool
-    def __init__(self, version: _Optional[int] = ..., parent_version: _Optional[int] = ..., step: _Optional[int] = ..., reward_model_version: _Optional[int] = ..., checkpoint_uri: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., data_window: _Optional[str] = ..., current: _Optional[bool] = ...) -> None: ...
+    restored_from_version: int
+    promoted: bool
+    reason: str
+    restorable: bool
+    def __init__(self, version: _Optional[int] = ..., parent_version: _Optional[int] = ..., step: _Optional[int] = ..., reward_model_version: _Optional[int] = ..., checkpoint_uri: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., data_window: _Optional[str] = ..., current: _Optional[bool] = ..., restored_from_version: _Optional[int] = ..., promoted: _Optional[bool] = ..., reason: _Optional[str] = ..., restorable: _Optional[bool] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ("limit",)
@@ -170,3 +178,15 @@ class RollbackPolicyResponse(_message.Message):
     new_policy_version: int
     restored_from_version: int
     def __init__(self, new_policy_version: _Optional[int] = ..., restored_from_version: _Optional[int] = ...) -> None: ...
+
+class PromotePolicyRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class PromotePolicyResponse(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: PolicyRecord
+    def __init__(self, policy: _Optional[_Union[PolicyRecord, _Mapping]] = ...) -> None: ...

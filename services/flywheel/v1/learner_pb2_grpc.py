@@ -65,6 +65,11 @@ class LearnerServiceStub:
                 request_serializer=flywheel_dot_v1_dot_learner__pb2.RollbackPolicyRequest.SerializeToString,
                 response_deserializer=flywheel_dot_v1_dot_learner__pb2.RollbackPolicyResponse.FromString,
                 _registered_method=True)
+        self.PromotePolicy = channel.unary_unary(
+                '/flywheel.v1.LearnerService/PromotePolicy',
+                request_serializer=flywheel_dot_v1_dot_learner__pb2.PromotePolicyRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_learner__pb2.PromotePolicyResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServiceServicer:
@@ -111,6 +116,13 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromotePolicy(self, request, context):
+        """Marks a registered version as the known-good one (the default rollback target).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     servicer.RollbackPolicy,
                     request_deserializer=flywheel_dot_v1_dot_learner__pb2.RollbackPolicyRequest.FromString,
                     response_serializer=flywheel_dot_v1_dot_learner__pb2.RollbackPolicyResponse.SerializeToString,
+            ),
+            'PromotePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromotePolicy,
+                    request_deserializer=flywheel_dot_v1_dot_learner__pb2.PromotePolicyRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_learner__pb2.PromotePolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +325,33 @@ class LearnerService:
             '/flywheel.v1.LearnerService/RollbackPolicy',
             flywheel_dot_v1_dot_learner__pb2.RollbackPolicyRequest.SerializeToString,
             flywheel_dot_v1_dot_learner__pb2.RollbackPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromotePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.LearnerService/PromotePolicy',
+            flywheel_dot_v1_dot_learner__pb2.PromotePolicyRequest.SerializeToString,
+            flywheel_dot_v1_dot_learner__pb2.PromotePolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
