@@ -98,7 +98,7 @@ class RewardConfig(ServerConfig):
     dtype: str = "float32"
     """Reward-model weights dtype: float32, bfloat16 or float16."""
     torch_threads: int = 0
-    """CPU threads for model math (process-wide); 0 keeps torch's default. 1 is faster on busy shared CPUs."""
+    """CPU threads for model math (process-wide); 0 = torch's default; 1 suits busy shared CPUs."""
     scorers: dict[str, Any] = field(default_factory=dict)
     """Named scorer sets ({set: [{name, kind, weight, params}]}, JSON in env); empty = {default: [rm]}."""
     max_batch_size: int = 32
