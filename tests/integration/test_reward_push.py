@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification
 
+from flywheel.common.weight_push import push_weights
 from flywheel.common.weights import iter_push_messages, iter_uri_push_messages
 from flywheel.v1 import reward_pb2
 from tests.conftest import auth
@@ -122,3 +123,18 @@ def test_bad_pushes_are_rejected_and_scoring_is_untouched(
         client.stub.PushWeights(stream, timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert client.metric("flywheel_reward_pushes_total") == 0
+
+
+def test_tcp_side_channel_push_reaches_the_reward_model(
+    start_server: Callable[..., Any], server_config: dict[str, Any], tiny_reward_path: str,
+    base_state: dict[str, torch.Tensor], internal_token: str, api_key: str,
+) -> None:  # fmt: skip
+    client = start_reward(start_server, server_config, tiny_reward_path)
+    before, _ = rm_scores(client, api_key)
+    target = f"127.0.0.1:{client.server.port}"
+    v1 = changed(base_state, 1)
+    results = push_weights([target], v1, 1, token=internal_token, stub="reward", transport="tcp", timeout=60)
+    assert not isinstance(results[target], Exception), results[target]
+    assert results[target].version == 1
+    after, version = rm_scores(client, api_key)
+    assert version == 1 and after != before

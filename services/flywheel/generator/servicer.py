@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from flywheel.common.weight_channel import receive_push
 from flywheel.common.weights import WeightPushError, WeightReceiver
 from flywheel.generator.completion_log import CompletionLog, LoggedCompletion
 from flywheel.generator.config import GeneratorConfig
@@ -136,13 +137,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         receiver = WeightReceiver(
             self.engine.weights_for_push(), self.engine.policy_version, self.config.max_push_bytes
         )
-        try:
-            for request in request_iterator:
-                which = request.WhichOneof("message")
-                if which is None:
-                    raise WeightPushError("malformed", "an empty PushWeights message: set manifest, chunk or commit")
-                receiver.feed(which, getattr(request, which))
-            staged = receiver.finish()
+        try:  # bytes on the stream, or over the TCP side channel the manifest asks for
+            staged = receive_push(request_iterator, context, receiver, bind_host=self.config.host)
             swap = self.engine.apply_weights(staged)
         except WeightPushError as exc:
             self.metrics.push_failures.labels(exc.reason).inc()

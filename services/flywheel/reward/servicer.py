@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from flywheel.common import weights
+from flywheel.common import weight_channel, weights
 from flywheel.common.weights import WeightPushError, WeightReceiver
 from flywheel.reward.core import (
     InvalidRequest,
@@ -128,7 +128,7 @@ class RewardServicer:
     ) -> reward_pb2.RewardServicePushWeightsResponse:
         started = time.monotonic()
         try:
-            staged, expected = self._receive(request_iterator)
+            staged, expected = self._receive(request_iterator, context)
             update = self.core.swap_weights(
                 staged.tensors,
                 staged.version,
@@ -150,7 +150,9 @@ class RewardServicer:
         )
         return reward_pb2.RewardServicePushWeightsResponse(result=result)
 
-    def _receive(self, request_iterator: Iterator[Any]) -> tuple[weights.StagedWeights, int]:
+    def _receive(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> tuple[weights.StagedWeights, int]:
         """Stages the whole stream; returns the verified weights and the version they were staged on."""
         state, version = self.core.weights_snapshot()
         receiver = WeightReceiver(state, version, self.core.config.max_push_bytes)
@@ -163,7 +165,8 @@ class RewardServicer:
                     "unsupported", "the reward service does not load LoRA adapters: push merged weights",
                     "INVALID_ARGUMENT",
                 )  # fmt: skip
-            receiver.feed(which or "", getattr(request, which) if which else None)
+            message = getattr(request, which) if which else None
+            weight_channel.feed(receiver, which or "", message, context, self.core.config.host)
         return receiver.finish(), version
 
     def _fail(self, context: grpc.ServicerContext, reason: str, status: str, message: str) -> NoReturn:
