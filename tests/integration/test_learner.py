@@ -154,3 +154,20 @@ def test_learner_waits_for_a_dead_reward_service_and_recovers(
         stub.Pause(learner_pb2.PauseRequest(reason="test"), timeout=5, metadata=auth(internal_token))
         wait_until(lambda: status().phase == learner_pb2.LEARNER_PHASE_PAUSED, 120, "phase PAUSED")
         assert "reward_mean" in status().last_metrics and status().paused
+
+
+def test_each_update_reaches_every_generator_replica(
+    generator: Any, reward: Any, server_config: dict[str, Any], start_server: Any, tiny_llama_path: str,
+    internal_token: str, redis_client: Any,
+) -> None:
+    second = start_server(build_generator, GeneratorConfig(**server_config, model=tiny_llama_path))
+    targets = (f"127.0.0.1:{generator.port}", f"127.0.0.1:{second.port}")
+    config = learner_config(server_config, tiny_llama_path, targets[0], f"127.0.0.1:{reward.port}",
+                            generator_targets=targets, delta_push=True)
+    learner = start_server(build_learner, config).learner
+    for step in (1, 2):  # a full push, then a delta, to both replicas
+        metrics = learner.run_step()
+        assert metrics["push_replicas_ok"] == 2.0
+        assert [_generator_policy(g.port, internal_token) for g in (generator, second)] == [step, step]
+    # Both replicas serve identical weights: the same seeded samples.
+    assert _sample(generator.port, internal_token) == _sample(second.port, internal_token)
