@@ -24,8 +24,8 @@ app = typer.Typer(
 keys_app = typer.Typer(help="API keys for the public surface.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(feedback_app, name="feedback")
-app.add_typer(train_app, name="train")
 app.add_typer(policy_app, name="policy")
+app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 out = Console()
 
@@ -71,8 +71,15 @@ def up(
     detach_check: Annotated[
         bool, typer.Option("--check", help="Start, print the status, stop (smoke test)")
     ] = False,
+    demo_mode: Annotated[
+        bool, typer.Option("--demo", help="Run the demo (`flywheel demo`) instead of waiting idle")
+    ] = False,
 ) -> None:
     """Start the local cluster: embedded Redis + the four services on a tiny model. Ctrl-C stops everything."""
+    if demo_mode:
+        from flywheel.demo.cli import run_demo_command
+
+        raise typer.Exit(run_demo_command(out, base_port=base_port, run_root=data_dir / "demo"))
     from flywheel.cluster import ClusterError, LocalCluster
 
     cluster = LocalCluster(data_dir, base_port=base_port)
@@ -154,6 +161,24 @@ def status(
         services, api_key = state.services, api_key or state.api_key
     if not _print_status(services, api_key):
         raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    preference: Annotated[
+        str, typer.Option(help="The users' hidden preference: positive_sentiment, negative_sentiment, "
+                          "short_answers, exclamations, mentions_food, or module:function (text -> score)")
+    ] = "positive_sentiment",
+    minutes: Annotated[Optional[float], typer.Option(help="Training budget in minutes (default 6; --quick 3)")] = None,  # noqa: UP045
+    steps: Annotated[Optional[int], typer.Option(help="Most PPO steps (default 100; --quick 36)")] = None,  # noqa: UP045
+    run_dir: Annotated[Optional[Path], typer.Option(help="Summary, curves and logs (default: a new dir under ~/.local/share/flywheel/demo)")] = None,  # noqa: UP045
+    base_port: Annotated[int, typer.Option(help="First gRPC port (0 = any free ports)")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="A short run (a few minutes): fewer steps")] = False,
+) -> None:
+    """Simulated users judge answers by a hidden preference; the loop learns it. Exit 1 if it did not."""
+    from flywheel.demo.cli import run_demo_command
+
+    raise typer.Exit(run_demo_command(out, preference, minutes, steps, run_dir, base_port, quick))
 
 
 @keys_app.command("new")
