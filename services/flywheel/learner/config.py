@@ -40,6 +40,9 @@ class LearnerConfig(ServerConfig):
     """JSONL of prompts ({"prompt": ...} per line), or builtin://sentiment for sentence openings."""
     prompt_stream: bool = False
     """Also take fresh production prompts from the Redis stream flywheel:prompts (first, before the file)."""
+    prompt_stream_fraction: float = 1.0
+    """With prompt_stream: share (0..1) of each step's prompts taken from the stream when it has them; the
+    rest (and any shortfall) from prompts_file. 1.0 = stream first, the file only tops up."""
 
     # --- rollouts -------------------------------------------------------------------------
     prompts_per_step: int = 4
@@ -111,7 +114,7 @@ class LearnerConfig(ServerConfig):
     rm_holdout_fraction: float = 0.2
     """Newest share of a fit's preference pairs held out for pairwise accuracy (0 = push without check)."""
     rm_learning_rate: float = 1e-4
-    """Reward-model AdamW learning rate (TRL RewardTrainer)."""
+    """Reward-model AdamW learning rate (constant; the learner's Bradley–Terry + pointwise fit)."""
     rm_max_steps: int = 20
     """Optimizer steps per reward-model fit."""
     rm_batch_size: int = 8
@@ -122,6 +125,18 @@ class LearnerConfig(ServerConfig):
     """Also fine-tune the policy on corrections (TRL SFTTrainer), pushed with the next policy version."""
     feedback_batch: int = 64
     """Most feedback events read for one fit (the rest wait for the next)."""
+    rm_pointwise_weight: float = 0.5
+    """Weight of the pointwise loss on ratings (BCE of sigmoid(r(x, y)) against the rating in [0, 1]) added to
+    the Bradley–Terry loss of the reward-model fit; 0 = ratings only feed best-vs-worst pairs."""
+    rating_rewards: bool = False
+    """After each policy step, an off-policy policy-gradient update on the rated logged completions (the
+    rating as reward, importance-weighted by the generator's behaviour logprobs); needs feedback_learning."""
+    rating_ratio_clip: float = 2.0
+    """Rating rewards: per-token importance ratio pi_current / pi_behaviour is clipped to [0, this]."""
+    rating_reward_weight: float = 1.0
+    """Rating rewards: weight of the off-policy loss (scales its gradient step)."""
+    rating_baseline: float = 0.5
+    """Rating rewards: subtracted from the rating in [0, 1] (0.5 = the neutral point: thumb up +0.5, down -0.5)."""
 
     # --- weights, checkpoints ----------------------------------------------------------------
     delta_push: bool = True
@@ -239,6 +254,19 @@ class LearnerConfig(ServerConfig):
             )
         if self.feedback_learning and not self.reward_model:
             raise ConfigError("feedback_learning needs reward_model: set the model the reward service serves")
+        if self.rm_pointwise_weight < 0 or self.rating_reward_weight < 0 or self.rating_ratio_clip <= 0:
+            raise ConfigError("rm_pointwise_weight and rating_reward_weight must be >= 0, rating_ratio_clip > 0")
+        if not 0 <= self.rating_baseline <= 1:
+            raise ConfigError(f"rating_baseline={self.rating_baseline}: ratings are in [0, 1], set a value there")
+        if self.rating_rewards and not self.feedback_learning:
+            raise ConfigError("rating_rewards reads ratings through the feedback consumer: set feedback_learning=true")
+        if not 0 <= self.prompt_stream_fraction <= 1:
+            raise ConfigError(f"prompt_stream_fraction={self.prompt_stream_fraction}: set a share in [0, 1]")
+        if self.prompt_stream and self.prompt_stream_fraction < 1 and not self.prompts_file:
+            raise ConfigError(
+                f"prompt_stream_fraction={self.prompt_stream_fraction} mixes in a dataset: set prompts_file "
+                "(or prompt_stream_fraction=1.0 for the stream alone)"
+            )
 
     def _check_async_and_guard(self) -> None:
         if self.mode not in ("sync", "async"):

@@ -88,7 +88,8 @@ class Learner:
         )
         pad_id = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
         self.trainer = Trainer(cfg, self.model, self.reference, pad_id if pad_id is not None else 0)
-        self.prompt_source = PromptSource(cfg.prompts_file, cfg.prompt_stream, self.redis, cfg.seed)
+        self.prompt_source = PromptSource(cfg.prompts_file, cfg.prompt_stream, self.redis, cfg.seed,
+                                          cfg.prompt_stream_fraction)
         latest = ckpt.latest_checkpoint(cfg.checkpoint_dir)
         self.feedback = FeedbackLearning(cfg, self.metrics, self.redis) if cfg.feedback_learning else None
         if self.feedback is not None:
@@ -264,6 +265,7 @@ class Learner:
                 rollout = Rollout(batch.prompt_ids, batch.completion_ids, scores, batch.truncated,
                                   batch.behaviour_logprobs, batch.policy_versions)
                 metrics = self.trainer.train_step(rollout)
+                self._rating_update(metrics)
                 self.status_.step += 1
             with self._timed(timings, "push"):
                 self._set_phase("pushing")
@@ -271,6 +273,16 @@ class Learner:
             timings["total"] = time.perf_counter() - start
             self._finish_step(metrics, timings, batch, rm_version)
         return metrics
+
+    def _rating_update(self, metrics: dict[str, float]) -> None:
+        """rating_rewards: an off-policy update on the rated logged completions read since the last step
+        (``offpolicy.py``); pushed with this step's version. Caller holds the lock."""
+        if not self.config.rating_rewards or self.feedback is None:
+            return
+        from flywheel.learner.offpolicy import rated_samples, rating_step
+
+        samples = rated_samples(self.feedback.take_rated())
+        metrics.update(rating_step(self.trainer, samples, self.status_.policy_version))
 
     def sync_replicas(self) -> None:
         """Brings restarted/lagging replicas to the current version before they generate."""
@@ -361,6 +373,7 @@ class Learner:
             with self._timed(timings, "train"):
                 self._set_phase("training")
                 metrics = self.trainer.train_step(selection.rollout())
+                self._rating_update(metrics)
                 self.status_.step += 1
             metrics.update(staleness_mean=sum(selection.lags) / len(selection.lags),
                            staleness_max=float(max(selection.lags)), stale_dropped=float(len(selection.dropped_lags)))

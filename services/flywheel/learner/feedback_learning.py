@@ -1,7 +1,9 @@
 """Learning from production feedback, between policy steps: the feedback stream (Redis consumer
-group) -> preference pairs -> a Bradley–Terry fit of the reward model (TRL's RewardTrainer, warm
--started from the current reward model) -> held-out check -> checkpoint -> XACK -> push to the
-reward replicas. Optionally SFT of the policy on corrections (TRL's SFTTrainer).
+group) -> preference pairs and rated points -> a fit of the reward model (Bradley–Terry on the pairs
+plus a pointwise loss on the ratings, warm-started from the current reward model) -> held-out check
+-> checkpoint -> XACK -> push to the reward replicas. Optionally SFT of the policy on corrections
+(TRL's SFTTrainer), and the ratings as direct rewards of the policy (``offpolicy.py``, driven by the
+learner after each step; the ids it used are checkpointed here so no rating is used twice).
 
 Data, per event kind (``FeedbackRecord`` views):
   comparison   chosen > rejected
@@ -9,10 +11,16 @@ Data, per event kind (``FeedbackRecord`` views):
   rating       ratings of the same prompt in one window: best > worst (``best_and_worst_of_n``,
                the score difference as the Bradley–Terry margin); a lone rating gives no pair
   inline_pair  like a rating when it carries one
-Pairs longer than ``rm_max_length`` tokens are dropped (``filter_long``). The newest
-``rm_holdout_fraction`` of a window's pairs is held out: the new model is pushed only if its pairwise
-accuracy there is not below the current model's (a temporal split: production data drifts, so the
-newest feedback is the honest test).
+Every rating is also a *point* (``records_to_points``): its score in [0, 1] (thumb up 1, down 0, a
+scalar normalised by its declared range) is the target of BCE(sigmoid(r(x, y))), weighted by
+``rm_pointwise_weight`` and added to the Bradley–Terry loss -log sigmoid(r_chosen - r_rejected -
+margin). So a lone rating is a signal too, and the reward model's 0 means "neutral".
+Pairs and points longer than ``rm_max_length`` tokens are dropped (``filter_long``). The newest
+``rm_holdout_fraction`` of a window's pairs and points is held out, and no event is on both sides
+(``split_window``). The new model is pushed only if its held-out pairwise accuracy is not below the
+current model's; a window with held-out points but no held-out pairs is gated on pointwise accuracy
+(sign agreement of r with rating - 0.5) instead; both are reported. A temporal split: production data
+drifts, so the newest feedback is the honest test.
 
 Exactly once. Events are read through the consumer group and stay *pending* while they are
 buffered and fitted. A fit is committed (new reward model + its data window, the list of event
@@ -28,24 +36,28 @@ our weights again, like the policy publisher does for generators.
 
 Encoding must match the reward service (``flywheel.reward.model_scorer.RewardModel._encode``):
 the chat template over (user: prompt, assistant: completion) when the tokenizer has one, else the
-tokenizer's text pair; left truncation; no EOS appended. So pairs are tokenized here and handed to
-RewardTrainer as ``chosen_ids``/``rejected_ids`` (TRL skips its own tokenization for those).
+tokenizer's text pair; left truncation; no EOS appended. So rows are tokenized here (``encode``).
+The fit is a small torch loop rather than TRL's RewardTrainer: its collator only knows pairs, and a
+window of mixed pairs and points (or points alone) needs both losses in one step.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import random
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from flywheel.common import keys
 from flywheel.feedback.consumer import FeedbackConsumer
@@ -80,6 +92,28 @@ def records_to_pairs(records: Sequence[FeedbackRecord]) -> list[dict[str, Any]]:
     return sorted(pairs, key=lambda p: max(order.get(e, 0) for e in p["event_ids"]))
 
 
+def records_to_points(records: Sequence[FeedbackRecord]) -> list[dict[str, Any]]:
+    """Rated completions as pointwise targets ({prompt, completion, target in [0, 1], event_ids})."""
+    return [{"prompt": r.prompt, "completion": r.completion.text, "target": r.rating.score, "event_ids": [r.event_id]}
+            for r in records if r.rating is not None and r.completion is not None]
+
+
+def split_window(records: Sequence[FeedbackRecord], pairs: Sequence[dict[str, Any]], points: Sequence[dict[str, Any]],
+                 fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]],
+                                           list[dict[str, Any]]]:
+    """(train pairs, train points, held-out pairs, held-out points): the newest ``fraction`` of pairs and
+    points together held out (``split_newest``, stream order of their newest event; at equal order a point
+    sorts before the pair it is part of, so holding the point out holds the pair out too). Training items
+    that share an event with a held-out item are dropped: no event is on both sides of the split."""
+    order = {r.event_id: i for i, r in enumerate(records)}
+    items = sorted([*points, *pairs], key=lambda it: (max(order.get(e, 0) for e in it["event_ids"]), "target" not in it))
+    train, held = split_newest(items, fraction)
+    held_ids = {e for it in held for e in it["event_ids"]}
+    train = [it for it in train if not held_ids.intersection(it["event_ids"])]
+    return ([it for it in train if "target" not in it], [it for it in train if "target" in it],
+            [it for it in held if "target" not in it], [it for it in held if "target" in it])
+
+
 def split_newest(pairs: Sequence[dict[str, Any]], fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, held_out): the newest ``fraction`` of the pairs held out (at least one if fraction > 0
     and there are two pairs or more)."""
@@ -110,17 +144,94 @@ def pairwise_accuracy(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]
     correct = 0
     for pair in pairs:
         rows = [encode(tokenizer, pair["prompt"], pair[side], max_length) for side in ("chosen", "rejected")]
-        width = max(len(r) for r in rows)
-        ids = torch.full((2, width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((2, width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, : len(row)], mask[b, : len(row)] = torch.tensor(row), 1
-        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0]  # (2,)
+        scores = score_rows(model, tokenizer, rows)  # (2,)
         correct += int(scores[0] > scores[1])
     return correct / len(pairs)
 
 
-# --- fitting with TRL ---------------------------------------------------------------------------
+@torch.no_grad()
+def pointwise_accuracy(model: Any, tokenizer: Any, points: Sequence[dict[str, Any]], max_length: int) -> float:
+    """Share of rated points whose reward has the rating's sign (r > 0 for a rating above 0.5, r < 0 below);
+    neutral ratings (exactly 0.5) are not counted. NaN without any."""
+    signed = [p for p in points if p["target"] != 0.5]
+    if not signed:
+        return float("nan")
+    model.eval()
+    rows = [encode(tokenizer, p["prompt"], p["completion"], max_length) for p in signed]
+    scores = torch.cat([score_rows(model, tokenizer, rows[i:i + 16]) for i in range(0, len(rows), 16)])  # (N,)
+    targets = torch.tensor([p["target"] for p in signed])  # (N,)
+    return float(((scores.cpu() > 0) == (targets > 0.5)).float().mean())
+
+
+def score_rows(model: Any, tokenizer: Any, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Reward-model outputs r(x, y) of right-padded token rows, on the model's device: (N,)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (N, L)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, L)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)], mask[b, : len(row)] = torch.tensor(list(row), dtype=torch.long), 1
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+
+
+# --- fitting -----------------------------------------------------------------------------------
+def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Tensor, point_scores: torch.Tensor,
+                      targets: torch.Tensor, pointwise_weight: float) -> torch.Tensor:
+    """Bradley–Terry -log sigmoid(r_chosen - r_rejected - margin), mean over pairs (P,), plus
+    ``pointwise_weight`` * BCE(sigmoid(r), target), mean over points (Q,). An empty side adds nothing."""
+    loss = torch.zeros((), device=point_scores.device)
+    if chosen.numel():
+        loss = loss + -F.logsigmoid(chosen - rejected - margins).mean()
+    if point_scores.numel() and pointwise_weight > 0:
+        loss = loss + pointwise_weight * F.binary_cross_entropy_with_logits(point_scores, targets)
+    return loss
+
+
+def _cycle(n: int, batch: int, rng: random.Random) -> Iterator[list[int]]:
+    """Minibatches of indices into n items, reshuffled every pass (empty forever when n is 0)."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from ([order[i:i + batch] for i in range(0, n, batch)] if n else [[]])
+
+
+def fit_reward_model(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], cfg: LearnerConfig,
+                     points: Sequence[dict[str, Any]] = ()) -> float:
+    """Fits ``model`` (in place) for ``rm_max_steps`` AdamW steps, each on ``rm_batch_size`` pairs and
+    ``rm_batch_size`` points (``reward_model_loss``); returns the mean loss over the steps."""
+    max_length = cfg.rm_max_length * 2
+    pair_rows = [(encode(tokenizer, p["prompt"], p["chosen"], max_length),
+                  encode(tokenizer, p["prompt"], p["rejected"], max_length), float(p.get("margin", 0.0))) for p in pairs]
+    weight = cfg.rm_pointwise_weight
+    point_rows = [(encode(tokenizer, p["prompt"], p["completion"], max_length), float(p["target"]))
+                  for p in points] if weight > 0 else []
+    if not pair_rows and not point_rows:
+        raise ValueError("nothing to fit: no pairs, and no points (or rm_pointwise_weight=0)")
+    rng = random.Random(cfg.seed)
+    pair_batches = _cycle(len(pair_rows), cfg.rm_batch_size, rng)
+    point_batches = _cycle(len(point_rows), cfg.rm_batch_size, rng)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rm_learning_rate,
+                                  weight_decay=0.0)
+    model.train()
+    losses = []
+    for _step in range(cfg.rm_max_steps):
+        pb, qb = next(pair_batches), next(point_batches)
+        rows = [pair_rows[i][0] for i in pb] + [pair_rows[i][1] for i in pb] + [point_rows[i][0] for i in qb]
+        scores = score_rows(model, tokenizer, rows)  # (2p + q,)
+        p = len(pb)
+        margins = torch.tensor([pair_rows[i][2] for i in pb], device=scores.device)  # (p,)
+        targets = torch.tensor([point_rows[i][1] for i in qb], device=scores.device)  # (q,)
+        loss = reward_model_loss(scores[:p], scores[p:2 * p], margins, scores[2 * p:], targets, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return sum(losses) / len(losses)
+
+
+# --- SFT with TRL ------------------------------------------------------------------------------
 def _trainer_args(cfg: LearnerConfig, work: Path, lr: float, batch: int) -> dict[str, Any]:
     # Gradient checkpointing (TRL's default) would stay switched on in the model we keep serving from.
     return dict(output_dir=str(work), max_steps=cfg.rm_max_steps, learning_rate=lr,
@@ -128,29 +239,6 @@ def _trainer_args(cfg: LearnerConfig, work: Path, lr: float, batch: int) -> dict
                 eval_strategy="no", use_cpu=not torch.cuda.is_available(), seed=cfg.seed, disable_tqdm=True,
                 max_length=cfg.rm_max_length * 2, lr_scheduler_type="constant", dataloader_num_workers=0,
                 gradient_checkpointing=False)
-
-
-def fit_reward_model(model: Any, tokenizer: Any, pairs: Sequence[dict[str, Any]], cfg: LearnerConfig) -> float:
-    """Bradley–Terry fit of ``model`` (in place) on ``pairs`` with TRL's RewardTrainer; final loss."""
-    import datasets
-    from transformers import PrinterCallback
-    from trl import RewardConfig, RewardTrainer
-
-    datasets.disable_progress_bars()
-    rows = [{"chosen_ids": encode(tokenizer, p["prompt"], p["chosen"], cfg.rm_max_length * 2),
-             "rejected_ids": encode(tokenizer, p["prompt"], p["rejected"], cfg.rm_max_length * 2),
-             "margin": float(p.get("margin", 0.0))} for p in pairs]
-    work = Path(tempfile.mkdtemp(prefix="flywheel-rm-fit-"))
-    try:
-        args = RewardConfig(**_trainer_args(cfg, work, cfg.rm_learning_rate, cfg.rm_batch_size))
-        trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                                processing_class=tokenizer)
-        trainer.remove_callback(PrinterCallback)  # the learner logs the fit itself
-        result = trainer.train()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    model.eval()
-    return float(result.training_loss)
 
 
 def sft_on_corrections(policy: Any, tokenizer: Any, examples: Sequence[dict[str, str]], cfg: LearnerConfig) -> float:
@@ -228,6 +316,10 @@ class Fit:
     train_loss: float = float("nan")
     sft_examples: int = 0
     reason: str = ""
+    train_points: int = 0
+    heldout_points: int = 0
+    heldout_pointwise_accuracy: float = float("nan")
+    previous_pointwise_accuracy: float = float("nan")
     model: Any = field(default=None, repr=False)  # the candidate reward model (not checkpointed here)
 
 
@@ -244,6 +336,7 @@ class FeedbackLearning:
         self.windows: list[dict[str, Any]] = []  # committed fits (newest KEEP_WINDOWS)
         self.unacked: list[str] = []  # committed ids waiting for a checkpoint
         self.checkpointed: list[str] = []  # in a checkpoint, XACK not yet confirmed
+        self.rewarded: list[str] = []  # used as direct rewards of the policy, not yet in a window
         self.rm_version = 0
         self.fits = 0
         self.consumed_total = 0
@@ -272,13 +365,15 @@ class FeedbackLearning:
     def state_dict(self) -> dict[str, Any]:
         """Bookkeeping for the checkpoint (the model itself goes to checkpoint.REWARD_MODEL)."""
         return {"rm_version": self.rm_version, "fits": self.fits, "consumed_total": self.consumed_total,
-                "windows": copy.deepcopy(self.windows), "unacked": list(self.unacked)}
+                "windows": copy.deepcopy(self.windows), "unacked": list(self.unacked),
+                "rewarded": list(self.rewarded)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.rm_version = int(state["rm_version"])
         self.fits = int(state["fits"])
         self.consumed_total = int(state["consumed_total"])
         self.windows = list(state["windows"])
+        self.rewarded = list(state.get("rewarded", []))  # checkpoints from before rating rewards have none
         self.metrics.reward_model_version.set(self.rm_version)
 
     def checkpoint_model(self) -> tuple[Any, Any] | None:
@@ -350,7 +445,8 @@ class FeedbackLearning:
         The caller must checkpoint (which calls ``after_checkpoint``: XACK), then ``publish``."""
         if not self.due(step):
             return None
-        self.poll()
+        if not self.config.rating_rewards:  # with rating rewards, take_rated polled after this step's update:
+            self.poll()  # reading more here would fit ratings the policy never got as rewards
         if len(self.buffer) < self.config.rm_min_new_events:
             return None
         window = self.buffer[: self.config.feedback_batch]
@@ -367,23 +463,31 @@ class FeedbackLearning:
         return fit
 
     def _fit(self, window: Sequence[FeedbackRecord]) -> Fit:
-        cfg = self.config
-        pairs = records_to_pairs(window)
+        cfg, max_length = self.config, self.config.rm_max_length * 2
         count = lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        pairs = filter_long(pairs, count, cfg.rm_max_length, cfg.rm_max_length, ("chosen", "rejected"))
-        train, held = split_newest(pairs, cfg.rm_holdout_fraction)
+        pairs = filter_long(records_to_pairs(window), count, cfg.rm_max_length, cfg.rm_max_length,
+                            ("chosen", "rejected"))
+        points = records_to_points(window) if cfg.rm_pointwise_weight > 0 else []
+        points = filter_long(points, count, cfg.rm_max_length, cfg.rm_max_length, ("completion",))
+        train, train_points, held, held_points = split_window(window, pairs, points, cfg.rm_holdout_fraction)
         fit = Fit(self.fits + 1, [r.event_id for r in window], len(train), len(held), float("nan"),
-                  float("nan"), False, self.rm_version)
-        if not train:
-            fit.reason = "no preference pairs in the window"
+                  float("nan"), False, self.rm_version, train_points=len(train_points), heldout_points=len(held_points))
+        if not train and not train_points:
+            fit.reason = "no preference pairs or ratings in the window"
             return fit
         candidate = copy.deepcopy(self.model)
-        fit.train_loss = fit_reward_model(candidate, self.tokenizer, train, cfg)
-        fit.previous_accuracy = pairwise_accuracy(self.model, self.tokenizer, held, cfg.rm_max_length * 2)
-        fit.heldout_accuracy = pairwise_accuracy(candidate, self.tokenizer, held, cfg.rm_max_length * 2)
-        if held and fit.heldout_accuracy < fit.previous_accuracy:
-            fit.reason = (f"held-out accuracy {fit.heldout_accuracy:.3f} is below the current model's "
-                          f"{fit.previous_accuracy:.3f}: not pushed")
+        fit.train_loss = fit_reward_model(candidate, self.tokenizer, train, cfg, train_points)
+        fit.previous_accuracy = pairwise_accuracy(self.model, self.tokenizer, held, max_length)
+        fit.heldout_accuracy = pairwise_accuracy(candidate, self.tokenizer, held, max_length)
+        fit.previous_pointwise_accuracy = pointwise_accuracy(self.model, self.tokenizer, held_points, max_length)
+        fit.heldout_pointwise_accuracy = pointwise_accuracy(candidate, self.tokenizer, held_points, max_length)
+        # Pairwise accuracy gates (rankings are what the policy optimises against); a window whose held-out
+        # slice has only ratings is gated on their sign agreement instead. NaN compares False: no gate.
+        new, old, what = fit.heldout_accuracy, fit.previous_accuracy, "accuracy"
+        if not held:
+            new, old, what = fit.heldout_pointwise_accuracy, fit.previous_pointwise_accuracy, "pointwise accuracy"
+        if new < old:
+            fit.reason = f"held-out {what} {new:.3f} is below the current model's {old:.3f}: not pushed"
             return fit
         fit.pushed, fit.model = True, candidate
         return fit
@@ -398,13 +502,27 @@ class FeedbackLearning:
         record = {k: v for k, v in asdict(fit).items() if k != "model"}
         self.windows = [*self.windows, record][-KEEP_WINDOWS:]
         self.unacked += fit.event_ids
+        fitted = set(fit.event_ids)  # from now on the window marks them (acked and skipped when read again)
+        self.rewarded = [i for i in self.rewarded if i not in fitted]
         outcome = "pushed" if fit.pushed else "skipped"
         self.metrics.rm_fits.labels(outcome).inc()
         if fit.heldout_pairs:
             self.metrics.rm_heldout_accuracy.set(fit.heldout_accuracy)
-        log.info("reward-model fit %d on %d events (%d train / %d held-out pairs): %s%s", fit.fit,
-                 len(fit.event_ids), fit.train_pairs, fit.heldout_pairs, outcome,
+        log.info("reward-model fit %d on %d events (%d / %d train / held-out pairs, %d / %d points): %s%s", fit.fit,
+                 len(fit.event_ids), fit.train_pairs, fit.heldout_pairs, fit.train_points, fit.heldout_points, outcome,
                  f" ({fit.reason})" if fit.reason else f" as version {fit.rm_version}")
+
+    def take_rated(self) -> list[FeedbackRecord]:
+        """Rated logged completions read but not yet used as direct rewards (rating_rewards): polls the
+        stream, marks them used. The marks are checkpointed with the policy they updated, so a restart
+        from that checkpoint never uses them again, and one from an older checkpoint uses them again."""
+        if self.consumer is not None:
+            self.poll()
+        used = set(self.rewarded)
+        fresh = [r for r in self.buffer if r.event_id not in used and r.rating is not None and r.completion is not None
+                 and r.completion.token_ids and r.prompt_token_ids]
+        self.rewarded += [r.event_id for r in fresh]
+        return fresh
 
     def _next_version(self) -> int:
         served = [v for v in self.replicas.versions().values() if isinstance(v, int)]

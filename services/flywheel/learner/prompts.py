@@ -1,9 +1,17 @@
-"""Where the learner's prompts come from: the production prompt stream in Redis (fresh traffic first)
-and/or a JSONL file (cycled, reshuffled every epoch), with a position that checkpoints restore."""
+"""Where the learner's prompts come from: the production prompt stream in Redis (the prompts users sent
+the generator) mixed with a configured dataset, a JSONL file (cycled, reshuffled every epoch), with a
+position in both that checkpoints restore.
+
+Mixing (``prompt_stream_fraction`` f): over the run, the stream is asked for round(f * prompts drawn)
+prompts in all (a cumulative quota: f = 0.3 with 4 prompts a step takes 12 of every 40 prompts from the
+stream, not 1 of every 4); whatever the stream cannot supply yet comes from the file. f = 1 is "stream first,
+the file tops up". Without a file the learner waits for a full batch from the stream.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,16 +79,18 @@ def load_prompt_file(path: str) -> list[PromptItem]:
 
 
 class PromptSource:
-    """Draws batches: stream entries after ``stream_id`` first, then the file in a seeded order."""
+    """Draws batches: the stream's quota of entries after ``stream_id``, then the file in a seeded order."""
 
-    def __init__(self, prompts_file: str, use_stream: bool, redis: Any, seed: int) -> None:
+    def __init__(self, prompts_file: str, use_stream: bool, redis: Any, seed: int, stream_fraction: float = 1.0) -> None:
         self.items = load_prompt_file(prompts_file) if prompts_file else []
         self.use_stream = use_stream
         self.redis = redis
         self.seed = seed
+        self.stream_fraction = stream_fraction
         self.epoch = 0
         self.index = 0
         self.stream_id = "0-0"
+        self.drawn = 0  # prompts handed out so far (the stream quota is a share of these)
         self._order = self._shuffle()
 
     def _shuffle(self) -> list[int]:
@@ -88,8 +98,16 @@ class PromptSource:
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order
 
+    def stream_quota(self, k: int) -> int:
+        """Prompts of the next batch of ``k`` to ask the stream for (cumulative rounding of the fraction)."""
+        if not self.items:
+            return k  # no dataset to mix in: everything from the stream
+        share = lambda n: math.floor(self.stream_fraction * n + 0.5)  # noqa: E731
+        return share(self.drawn + k) - share(self.drawn)
+
     def next_batch(self, k: int) -> list[PromptItem]:
-        batch = self._from_stream(k) if self.use_stream and self.redis is not None else []
+        quota = self.stream_quota(k)
+        batch = self._from_stream(quota) if self.use_stream and self.redis is not None and quota else []
         while len(batch) < k and self.items:
             if self.index >= len(self._order):
                 self.epoch, self.index = self.epoch + 1, 0
@@ -99,6 +117,7 @@ class PromptSource:
         if len(batch) < k:
             where = "the prompt stream flywheel:prompts has too few new entries"
             raise NoPrompts(f"no prompts: {where} and prompts_file is unset (need {k}, have {len(batch)})")
+        self.drawn += k
         return batch
 
     def _from_stream(self, k: int) -> list[PromptItem]:
@@ -116,8 +135,9 @@ class PromptSource:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "stream_id": self.stream_id}
+        return {"epoch": self.epoch, "index": self.index, "stream_id": self.stream_id, "drawn": self.drawn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.index, self.stream_id = int(state["epoch"]), int(state["index"]), str(state["stream_id"])
+        self.drawn = int(state.get("drawn", 0))  # checkpoints from before mixing have no count
         self._order = self._shuffle()
