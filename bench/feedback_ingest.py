@@ -3,9 +3,12 @@
 Ours: SubmitFeedback to a feedback server running in its own process (validation, rate-limit
 script, completion-log join, idempotent Lua append), batched and unary, from client threads here.
 Baseline, same run, same Redis: redis-py pipelined XADD of the very payloads our server stored.
-Prints a table, then the JSON line: ours = batched events/s, ratio = ours / raw XADD events/s;
-p99_ms is per SubmitFeedback acknowledgement (one batch of 100 events, 4 calls in flight). The
-machine's load average is in the table title: on a shared box, compare medians of repeats.
+Batched load runs at 1, 2 and 4 calls in flight (100 events per call); every level is a row. The
+JSON line reports throughput at the latency objective, as serving benchmarks do: ours = the
+highest batched events/s among levels whose p99 acknowledgement latency is under 50 ms (or, if no
+level meets it, the highest events/s, flagged "slo_met": false), with that level's p99_ms and
+in_flight; ratio = ours / raw XADD events/s. The machine's load average is in the table title: on a
+shared box, compare medians of repeats.
 
     python -m bench.feedback_ingest [--quick]
 """
@@ -37,6 +40,8 @@ from flywheel.v1 import feedback_pb2 as pb
 from flywheel.v1 import feedback_pb2_grpc
 
 TARGET_EVENTS_PER_S = 10_000.0
+P99_OBJECTIVE_MS = 50.0
+IN_FLIGHT_LEVELS = (1, 2, 4)
 PROMPT = "Summarise the following customer message and suggest a polite reply: " + "lorem ipsum " * 12
 COMPLETION = "Thank you for reaching out. " + "We are looking into the problem and will reply soon. " * 6
 
@@ -135,8 +140,8 @@ def start_server(tmp: Path, redis_url: str, api_key: str) -> tuple[subprocess.Po
 
 
 def run(quick: bool) -> dict[str, Any]:
-    batch, threads = 100, 4
-    batched_events = 40_000 if quick else 200_000
+    batch = 100
+    batched_events = 20_000 if quick else 100_000  # per in-flight level
     unary_events = 2_000 if quick else 10_000
     with tempfile.TemporaryDirectory(prefix="fw-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -152,12 +157,14 @@ def run(quick: bool) -> dict[str, Any]:
                         pb.SubmitFeedbackRequest(events=[make_event(i, completion_ids) for i in range(batch)])
                     ]
                     load(stub, api_key, warm, 1)
-                    events = [make_event(i, completion_ids) for i in range(batched_events)]
-                    requests = [
-                        pb.SubmitFeedbackRequest(events=events[i : i + batch])
-                        for i in range(0, len(events), batch)
-                    ]
-                    batched = load(stub, api_key, requests, threads)
+                    levels = {}
+                    for in_flight in IN_FLIGHT_LEVELS:
+                        events = [make_event(i, completion_ids) for i in range(batched_events)]
+                        requests = [
+                            pb.SubmitFeedbackRequest(events=events[i : i + batch])
+                            for i in range(0, len(events), batch)
+                        ]
+                        levels[in_flight] = load(stub, api_key, requests, in_flight)
                     singles = [
                         pb.SubmitFeedbackRequest(events=[make_event(i, completion_ids)])
                         for i in range(unary_events)
@@ -170,7 +177,14 @@ def run(quick: bool) -> dict[str, Any]:
             raw = raw_xadd(client, payloads, batch)
             aof = client.config_get("appendfsync")["appendfsync"]
             client.close()
-    return {"batched": batched, "unary": unary, "raw": raw, "batch": batch, "threads": threads, "aof": aof}
+    return {"levels": levels, "unary": unary, "raw": raw, "batch": batch, "aof": aof}
+
+
+def at_objective(levels: dict[int, dict[str, float]]) -> tuple[int, bool]:
+    """The in-flight level with the most events/s whose p99 meets the objective (or the fastest)."""
+    meeting = [n for n, r in levels.items() if r["p99_ms"] < P99_OBJECTIVE_MS]
+    pool = meeting or list(levels)
+    return max(pool, key=lambda n: levels[n]["events_per_s"]), bool(meeting)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer events: finishes in a couple of minutes")
     args = parser.parse_args(argv)
     result = run(args.quick)
-    b, u, raw = result["batched"], result["unary"], result["raw"]
+    levels, u, raw = result["levels"], result["unary"], result["raw"]
+    chosen, slo_met = at_objective(levels)
+    b = levels[chosen]
     load_1m = os.getloadavg()[0]
     table = Table(
         title=f"feedback ingest (AOF appendfsync {result['aof']}, server in its own process, "
@@ -186,8 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     for column in ("path", "events/s", "p50 ack ms/call", "p99 ack ms/call", "events"):
         table.add_column(column)
-    table.add_row(f"ours batched ({result['batch']}/call, {result['threads']} threads)",
-                  f"{b['events_per_s']:,.0f}", f"{b['p50_ms']:.1f}", f"{b['p99_ms']:.1f}", f"{b['events']:,}")  # fmt: skip
+    for n, r in levels.items():
+        mark = " ←" if n == chosen else ""
+        table.add_row(f"ours batched ({result['batch']}/call, {n} in flight){mark}",
+                      f"{r['events_per_s']:,.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['events']:,}")  # fmt: skip
     table.add_row("ours unary (8 threads)", f"{u['events_per_s']:,.0f}", f"{u['p50_ms']:.1f}", f"{u['p99_ms']:.1f}",
                   f"{u['events']:,}")  # fmt: skip
     table.add_row(f"raw redis-py pipelined XADD ({result['batch']}/pipeline)", f"{raw:,.0f}", "", "", "")
@@ -200,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         "target": TARGET_EVENTS_PER_S,
         "unit": "events/s",
         "p99_ms": round(b["p99_ms"], 2),
+        "in_flight": chosen,
+        "slo_met": slo_met,
     }
     print(json.dumps(summary), flush=True)
 
