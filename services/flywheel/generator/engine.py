@@ -9,10 +9,12 @@ the policy version whose weights produced all of its tokens, and swaps in verifi
 from __future__ import annotations
 
 import abc
+import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import torch
 
@@ -189,3 +191,44 @@ class Engine(abc.ABC):
     def _emit(self, what: str, value: float) -> None:
         for listener in getattr(self, "_listeners", []):
             listener(what, value)
+
+
+class QueuedEngine(Engine):
+    """An engine whose requests become queued units (one per completion) that an engine thread
+    finishes: generate and stream are the same for every such engine; each engine says how to make
+    its units and how to queue them. A unit has ``done`` (an Event), ``result()``, and the
+    ``on_delta``/``on_error`` callbacks streaming uses."""
+
+    @abc.abstractmethod
+    def _units(self, prompt_ids: list[int], sampling: Sampling, adapter: str, cancellation: Cancellation) -> list[Any]:
+        """One unit per completion of one prompt (sampling.n of them)."""
+
+    @abc.abstractmethod
+    def _submit(self, units: list[Any]) -> None:
+        """Queues all units at once, or none (raises InvalidRequest / EngineOverloaded / EngineStopped)."""
+
+    def generate(
+        self, prompts: list[list[int]], sampling: Sampling, adapter_name: str, cancellation: Cancellation
+    ) -> list[list[Completion]]:
+        groups = [self._units(ids, sampling, adapter_name, cancellation) for ids in prompts]
+        self._submit([unit for group in groups for unit in group])
+        for group in groups:
+            for unit in group:
+                unit.done.wait()
+        return [[unit.result() for unit in group] for group in groups]
+
+    def stream(
+        self, prompt_ids: list[int], sampling: Sampling, adapter_name: str, cancellation: Cancellation
+    ) -> Iterator[StreamDelta]:
+        deltas: queue.Queue[StreamDelta | BaseException] = queue.Queue()
+        (unit,) = self._units(prompt_ids, sampling, adapter_name, cancellation)
+        unit.on_delta = deltas.put
+        unit.on_error = deltas.put
+        self._submit([unit])
+        while True:
+            item = deltas.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason:
+                return

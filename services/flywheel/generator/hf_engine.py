@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,14 +28,12 @@ from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.decode import Sequence, sample_rows
 from flywheel.generator.engine import (
     Cancellation,
-    Completion,
-    Engine,
     EngineOverloaded,
     EngineStopped,
     InvalidRequest,
     PolicyInfo,
+    QueuedEngine,
     Sampling,
-    StreamDelta,
     SwapResult,
 )
 from flywheel.generator.lora import LoraAdapters
@@ -46,7 +43,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(QueuedEngine):
     name = "transformers"
 
     def __init__(self, config: GeneratorConfig) -> None:
@@ -137,7 +134,7 @@ class TransformersEngine(Engine):
             self._emit("queue", len(self._queue))
             self._cond.notify()
 
-    def _sequences(
+    def _units(
         self, prompt_ids: list[int], sampling: Sampling, adapter: str, cancellation: Cancellation
     ) -> list[Sequence]:
         seeds = [
@@ -145,32 +142,6 @@ class TransformersEngine(Engine):
             for i in range(sampling.n)
         ]
         return [Sequence(list(prompt_ids), sampling, seed, adapter, cancellation) for seed in seeds]
-
-    def generate(
-        self, prompts: list[list[int]], sampling: Sampling, adapter_name: str, cancellation: Cancellation
-    ) -> list[list[Completion]]:
-        groups = [self._sequences(ids, sampling, adapter_name, cancellation) for ids in prompts]
-        self._submit([seq for group in groups for seq in group])
-        for group in groups:
-            for seq in group:
-                seq.done.wait()
-        return [[seq.result() for seq in group] for group in groups]
-
-    def stream(
-        self, prompt_ids: list[int], sampling: Sampling, adapter_name: str, cancellation: Cancellation
-    ) -> Iterator[StreamDelta]:
-        deltas: queue.Queue[StreamDelta | BaseException] = queue.Queue()
-        (seq,) = self._sequences(prompt_ids, sampling, adapter_name, cancellation)
-        seq.on_delta = deltas.put
-        seq.on_error = deltas.put
-        self._submit([seq])
-        while True:
-            item = deltas.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason:
-                return
 
     # --- the batcher -----------------------------------------------------------------------------
     def _collect(self) -> list[Sequence]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import queue
 import re
 import secrets
 import shutil
@@ -30,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,11 +42,11 @@ from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.engine import (
     Cancellation,
     Completion,
-    Engine,
     EngineOverloaded,
     EngineStopped,
     InvalidRequest,
     PolicyInfo,
+    QueuedEngine,
     Sampling,
     StreamDelta,
     SwapResult,
@@ -164,7 +163,7 @@ def _block(name: str) -> str:
     return match.group(1) if match else name
 
 
-class VllmEngine(Engine):
+class VllmEngine(QueuedEngine):
     name = "vllm"
 
     def __init__(self, config: GeneratorConfig) -> None:
@@ -280,7 +279,7 @@ class VllmEngine(Engine):
         return self._version
 
     # --- requests --------------------------------------------------------------------------------
-    def _requests(self, prompt_ids: list[int], sampling: Sampling, adapter: str,
+    def _units(self, prompt_ids: list[int], sampling: Sampling, adapter: str,
                   cancellation: Cancellation) -> list[_Request]:  # fmt: skip
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -331,32 +330,6 @@ class VllmEngine(Engine):
             self._queue.extend(requests)
             self._emit("queue", len(self._queue))
             self._cond.notify_all()
-
-    def generate(
-        self, prompts: list[list[int]], sampling: Sampling, adapter_name: str, cancellation: Cancellation
-    ) -> list[list[Completion]]:
-        groups = [self._requests(ids, sampling, adapter_name, cancellation) for ids in prompts]
-        self._submit([req for group in groups for req in group])
-        for group in groups:
-            for req in group:
-                req.done.wait()
-        return [[req.result() for req in group] for group in groups]
-
-    def stream(
-        self, prompt_ids: list[int], sampling: Sampling, adapter_name: str, cancellation: Cancellation
-    ) -> Iterator[StreamDelta]:
-        deltas: queue.Queue[StreamDelta | BaseException] = queue.Queue()
-        (req,) = self._requests(prompt_ids, sampling, adapter_name, cancellation)
-        req.on_delta = deltas.put
-        req.on_error = deltas.put
-        self._submit([req])
-        while True:
-            item = deltas.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason:
-                return
 
     # --- the engine thread -----------------------------------------------------------------------
     def _serve(self, path: str, ready: concurrent.futures.Future[None]) -> None:
