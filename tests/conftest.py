@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,19 @@ def start_server() -> Iterator[Callable[..., Any]]:
     yield start
     for server in reversed(started):
         server.stop(0)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.01) -> Any:
+    """Waits for a state a server or process reaches on its own, checking ``predicate`` until it
+    returns something truthy (which is returned); fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
 
 
 def auth(secret: str) -> list[tuple[str, str]]:

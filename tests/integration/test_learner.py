@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +18,9 @@ from flywheel.learner.server import build_server as build_learner
 from flywheel.reward.config import RewardConfig
 from flywheel.reward.server import build_server as build_reward
 from flywheel.v1 import generator_pb2, generator_pb2_grpc, learner_pb2, learner_pb2_grpc
-from tests.conftest import auth
+from tests.conftest import auth, wait_until
 
 VADER = {"default": [{"name": "sentiment", "kind": "vader"}]}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Polls ``predicate`` until it returns something truthy (a condition, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def learner_config(server_config: dict[str, Any], tiny_llama_path: str, generator: str, reward: str,

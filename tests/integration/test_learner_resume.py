@@ -17,9 +17,9 @@ from flywheel.common.health import free_port
 from flywheel.learner import checkpoint as ckpt
 from flywheel.learner.server import build_server as build_learner
 from flywheel.v1 import learner_pb2, learner_pb2_grpc
-from tests.conftest import auth
+from tests.conftest import auth, wait_until
 from tests.integration import test_learner as shared
-from tests.integration.test_learner import _generator_policy, learner_config, wait_until
+from tests.integration.test_learner import _generator_policy, learner_config
 
 generator = shared.generator  # the same fixtures: real generator and reward servers
 reward = shared.reward

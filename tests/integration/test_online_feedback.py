@@ -29,8 +29,8 @@ from flywheel.reward.config import RewardConfig
 from flywheel.reward.server import build_server as build_reward
 from flywheel.v1 import learner_pb2, learner_pb2_grpc, reward_pb2, reward_pb2_grpc
 from flywheel_client import AckStatus, ClientConfig, FlywheelClient, RetryPolicy
-from tests.conftest import auth
-from tests.integration.test_learner import learner_config, wait_until
+from tests.conftest import auth, wait_until
+from tests.integration.test_learner import learner_config
 
 PROBE = [("How was the movie?", "the movie was great!"), ("How was the movie?", "the movie was awful.")]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from flywheel.common.server import ServiceServer
 from flywheel.reward.config import RewardConfig
 from flywheel.reward.server import build_server
 from flywheel.v1 import reward_pb2, reward_pb2_grpc
-from tests.conftest import auth
+from tests.conftest import auth, wait_until
 
 MIX = {
     "default": [
@@ -60,15 +59,6 @@ def request(texts: list[tuple[str, str]] = TEXTS, scorer: str = "") -> reward_pb
         samples=[reward_pb2.ScoreSample(sample_id=f"s{i}", prompt=p, completion=c) for i, (p, c) in enumerate(texts)],
         scorer=scorer,
     )
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Waits for a state the server reaches on its own (a queued request, a finished RPC)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 LONG_WAIT_MS = 60_000.0  # batches form because they are full, never because time passed
@@ -153,7 +143,7 @@ def test_full_queue_is_resource_exhausted_with_retry_hint(
         max_queue=2, max_samples_per_request=2, max_batch_size=8, max_wait_ms=LONG_WAIT_MS,
     )  # fmt: skip
     waiting = client.stub.Score.future(request(TEXTS[:2]), metadata=auth(api_key), timeout=120)
-    wait_for(lambda: client.metric("flywheel_reward_queue_depth_samples") == 2, "the first request to queue")
+    wait_until(lambda: client.metric("flywheel_reward_queue_depth_samples") == 2, 30, "the first request to queue")
     with pytest.raises(grpc.RpcError) as info:
         client.stub.Score(request(TEXTS[:1]), metadata=auth(api_key), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -169,10 +159,10 @@ def test_cancelled_request_is_dropped_from_the_batch(
 ) -> None:
     client = start_reward(start_server, server_config, tiny_reward_path, max_batch_size=3, max_wait_ms=LONG_WAIT_MS)
     doomed = client.stub.Score.future(request(TEXTS[:1]), metadata=auth(api_key), timeout=120)
-    wait_for(lambda: client.metric("flywheel_reward_queue_depth_samples") == 1, "the request to queue")
+    wait_until(lambda: client.metric("flywheel_reward_queue_depth_samples") == 1, 30, "the request to queue")
     doomed.cancel()
     done = {"method": "Score", "code": "CANCELLED"}
-    wait_for(lambda: client.metric("flywheel_reward_rpc_requests_total", done) == 1, "the server to see the cancel")
+    wait_until(lambda: client.metric("flywheel_reward_rpc_requests_total", done) == 1, 30, "the server to see the cancel")
     # Two more samples plus the cancelled one still queued fill a batch of 3: it forms at once,
     # without the cancelled sample.
     pair = client.stub.Score(request(TEXTS[1:]), metadata=auth(api_key), timeout=120)
