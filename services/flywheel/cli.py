@@ -12,6 +12,7 @@ from rich.table import Table
 
 from flywheel.common.config import ConfigError, load_config
 from flywheel.feedback.cli import feedback_app
+from flywheel.learner.control_cli import learner_app
 from flywheel.learner.policy_cli import policy_app
 from flywheel.services import SERVICES
 from flywheel.training.cli import train_app
@@ -25,6 +26,7 @@ keys_app = typer.Typer(help="API keys for the public surface.", no_args_is_help=
 app.add_typer(keys_app, name="keys")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(policy_app, name="policy")
+app.add_typer(learner_app, name="learner")
 app.add_typer(train_app, name="train")
 console = Console(stderr=True)
 out = Console()
@@ -107,7 +109,7 @@ def up(
         _print_status(state.services, state.api_key)
         cluster.stop()
         return
-    out.print("[green]all services healthy[/green]; Ctrl-C to stop")
+    out.print("[green]all services healthy[/green]; Ctrl-C to stop. Start training: `flywheel learner resume`")
     try:
         died = cluster.wait()
     finally:

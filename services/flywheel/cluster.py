@@ -158,6 +158,10 @@ class LocalCluster:
             "FLYWHEEL_LEARNER_RUN_DIR": str(self.data_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")),
             "PYTHONUNBUFFERED": "1",
         }
+        # Training prompts: production prompts from the generator's log, topped up by a built-in
+        # set, so `flywheel learner resume` trains at once. Settings in our own env win.
+        env.setdefault("FLYWHEEL_LEARNER_PROMPT_STREAM", "true")
+        env.setdefault("FLYWHEEL_LEARNER_PROMPTS_FILE", "builtin://sentiment")
         if "generator" in address:
             env["FLYWHEEL_LEARNER_GENERATOR_TARGETS"] = address["generator"]
         if "reward" in address:

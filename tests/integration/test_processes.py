@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from flywheel.common.health import free_port, health_status, wait_serving
+from tests.conftest import wait_until
 
 CLI = [sys.executable, "-m", "flywheel.cli"]
 
@@ -145,3 +146,33 @@ def test_serve_with_bad_env_exits_2(tmp_path: Path) -> None:
     result = subprocess.run([*CLI, "serve", "feedback"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "durability='sometimes'" in result.stderr
+
+
+def test_learner_control_commands_drive_the_local_cluster(tmp_path: Path) -> None:
+    proc, state = _start_up(tmp_path)
+    data_dir = ["--data-dir", state["data_dir"]]
+
+    def learner(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, "learner", *args, *data_dir], env=_env(tmp_path), capture_output=True,
+                              text=True, timeout=300)
+
+    try:
+        assert "step 0, policy v0" in learner("status").stdout
+        resumed = learner("resume")
+        assert resumed.returncode == 0, resumed.stderr
+        # Trains on the built-in prompts and pushes into the generator (a state it reaches on its own).
+        wait_until(lambda: "policy v0" not in learner("status").stdout, 240, "a first PPO step")
+        paused = learner("pause", "--reason", "test")
+        assert paused.returncode == 0 and "paus" in paused.stdout
+        wait_until(lambda: ", paused" in learner("status").stdout, 240, "the pause after the running step")
+        saved = learner("checkpoint")
+        assert saved.returncode == 0 and Path(saved.stdout.split(" (")[0].strip()).is_dir()
+        status = subprocess.run([*CLI, "status", *data_dir], env=_env(tmp_path), capture_output=True, text=True,
+                                timeout=60)
+        assert "policy v0 " not in status.stdout  # the generator serves a pushed version
+        bad = learner("status", "--learner", "not-an-address")
+        assert bad.returncode == 2 and "expected HOST:PORT" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=90)
+    assert proc.returncode == 0
