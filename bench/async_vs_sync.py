@@ -18,8 +18,10 @@ samples/s with a final reward no worse than sync (within the noise of the eval).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,6 +138,7 @@ def main() -> None:
     load_start = os.getloadavg()
     model = str(sft_model())
     tmp = Path(tempfile.mkdtemp(prefix="async-vs-sync-"))
+    atexit.register(shutil.rmtree, tmp, True)  # checkpoints and snapshots: nothing left in /tmp
     with EmbeddedRedis(tmp / "redis") as redis_server:
         common = dict(internal_token=new_secret(), redis_url=redis_server.url, data_dir=str(tmp), grace_seconds=1.0)
         runs = [(mode, run_mode(mode, steps, model, common, tmp)) for mode in order]

@@ -14,10 +14,13 @@ critic initialised from the SFT policy; evaluation by the same function (HF gene
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,13 @@ EVAL_PROMPTS, EVAL_SAMPLES, EVAL_SEED = 48, 4, 12345
 
 
 # --- shared by both sides (no flywheel imports: this part also runs in the TRL virtualenv) ------
+def _scratch_dir() -> str:
+    """A temp dir removed when the bench exits."""
+    path = tempfile.mkdtemp(prefix="ppo-vs-trl-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def vader_scores(texts: list[str]) -> list[float]:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -59,7 +69,6 @@ def evaluate_policy(policy: Any, tokenizer: Any, texts: list[str]) -> float:
 
 # --- TRL side (runs in .venv-trl112) ----------------------------------------------------------
 def trl_child(model_path: str, steps: int, eval_texts: list[str], train_texts: list[str]) -> dict[str, float]:
-    import tempfile
     from types import SimpleNamespace
 
     import torch
@@ -98,7 +107,7 @@ def trl_child(model_path: str, steps: int, eval_texts: list[str], train_texts: l
     dataset = Dataset.from_dict({"input_ids": [tokenizer(t, add_special_tokens=False).input_ids
                                                for t in train_texts]})
     config = PPOConfig(
-        output_dir=tempfile.mkdtemp(), learning_rate=LR, per_device_train_batch_size=BATCH,
+        output_dir=_scratch_dir(), learning_rate=LR, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1, num_mini_batches=MINIBATCHES, num_ppo_epochs=EPOCHS,
         response_length=NEW_TOKENS, total_episodes=steps * BATCH, stop_token="eos", temperature=1.0,
         kl_coef=KL_COEF, vf_coef=VF_COEF, report_to="none", num_sample_generations=0, use_cpu=True,
@@ -125,14 +134,13 @@ def ensure_trl_venv() -> Path:
 
 # --- ours, and the comparison --------------------------------------------------------------------
 def run_ours(model_path: str, steps: int, eval_texts: list[str]) -> dict[str, float]:
-    import tempfile
 
     import torch
 
     from bench.ppo_learning import make_learner
 
     torch.manual_seed(0)
-    learner = make_learner(model_path, Path(tempfile.mkdtemp()), prompts_per_step=BATCH, samples_per_prompt=1,
+    learner = make_learner(model_path, Path(_scratch_dir()), prompts_per_step=BATCH, samples_per_prompt=1,
                            minibatch_size=BATCH // MINIBATCHES, ppo_epochs=EPOCHS, max_new_tokens=NEW_TOKENS,
                            learning_rate=LR, init_kl_coef=KL_COEF, vf_coef=VF_COEF)
     before = evaluate_policy(learner.model.policy, learner.tokenizer, eval_texts)

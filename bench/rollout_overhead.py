@@ -12,6 +12,8 @@ step (weight transfer reported separately: bench/weight_push.py measures it). Ta
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import tempfile
 import threading
@@ -103,7 +105,8 @@ def main() -> None:
     args = parse(__doc__ or "")
     steps = 15 if args.quick else 40
     model = str(sft_model())
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(tempfile.mkdtemp(prefix="rollout-overhead-"))
+    atexit.register(shutil.rmtree, tmp, True)  # checkpoints and snapshots: nothing left in /tmp
     token = new_secret()
     with EmbeddedRedis(tmp / "redis") as redis_server:
         common = dict(internal_token=token, redis_url=redis_server.url, data_dir=str(tmp), metrics_port=-1,
