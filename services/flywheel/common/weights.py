@@ -397,6 +397,25 @@ class StagedWeights:
     pusher: str = ""
     started_at: float = field(default_factory=time.monotonic)
 
+    def check_applies_to(self, current_version: int) -> None:
+        """Re-checks, at swap time, that this push still applies to what is serving (another push may
+        have landed while it was staged); raises WeightPushError."""
+        check_version(self.version, self.kind == "delta", self.base_version, current_version)
+
+
+def check_version(version: int, is_delta: bool, base_version: int, current_version: int) -> None:
+    """A push must create a newer version, and a delta must be against the version serving now."""
+    if version <= current_version:
+        raise WeightPushError(
+            "stale_version", f"version {version} is not newer than the serving version {current_version}"
+        )
+    if is_delta and base_version != current_version:
+        raise WeightPushError(
+            "base_mismatch",
+            f"delta against base_version {base_version}, but version {current_version} is serving: "
+            "send a full push or a delta against it",
+        )
+
 
 @dataclass
 class _Slot:
@@ -546,17 +565,7 @@ class WeightReceiver:
             raise WeightPushError(
                 "malformed", f"checksum_algorithm={manifest.checksum_algorithm!r}: use {CHECKSUM_ALGORITHMS}"
             )
-        if manifest.version <= self.current_version:
-            raise WeightPushError(
-                "stale_version",
-                f"version {manifest.version} is not newer than the serving version {self.current_version}",
-            )
-        if kind == DELTA and manifest.base_version != self.current_version:
-            raise WeightPushError(
-                "base_mismatch",
-                f"delta against base_version {manifest.base_version}, but version "
-                f"{self.current_version} is serving: send a full push or a delta against it",
-            )
+        check_version(manifest.version, kind == DELTA, manifest.base_version, self.current_version)
         if kind == LORA:
             _check_lora_spec(manifest)
         transport = manifest.transport or common_pb2.WEIGHT_TRANSPORT_GRPC_STREAM

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from flywheel.common.tiny_models import resolve_model
-from flywheel.common.weights import StagedWeights, WeightPushError
+from flywheel.common.weights import StagedWeights
 from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.decode import Sequence, sample_rows
 from flywheel.generator.engine import (
@@ -242,12 +242,7 @@ class TransformersEngine(QueuedEngine):
     def apply_weights(self, staged: StagedWeights) -> SwapResult:
         with self._swap_lock:  # waits for the running batch to finish: swaps land between batches
             previous = self._version
-            if staged.version <= previous:
-                raise WeightPushError("stale_version", f"version {staged.version} is not newer than {previous}")
-            if staged.kind == "delta" and staged.base_version != previous:
-                raise WeightPushError(
-                    "base_mismatch", f"delta against {staged.base_version}, but {previous} is serving now"
-                )
+            staged.check_applies_to(previous)
             if staged.kind == "lora":
                 assert self._adapters is not None and staged.lora is not None
                 self.model = self._adapters.load(staged.lora, staged.tensors)

@@ -460,12 +460,7 @@ class VllmEngine(QueuedEngine):
 
     def _swap(self, staged: StagedWeights) -> SwapResult:
         previous = self._version
-        if staged.version <= previous:
-            raise WeightPushError("stale_version", f"version {staged.version} is not newer than {previous}")
-        if staged.kind == "delta" and staged.base_version != previous:
-            raise WeightPushError(
-                "base_mismatch", f"delta against {staged.base_version}, but {previous} is serving now"
-            )
+        staged.check_applies_to(previous)
         if staged.kind == "lora":
             self._load_adapter(staged)
         else:
@@ -491,7 +486,7 @@ class VllmEngine(QueuedEngine):
         except Exception as exc:
             log.exception("vLLM weight reload failed: restoring the serving version")
             self._send({name: self._weights[name] for name in names})
-            raise WeightPushError("reload_failed", f"vLLM could not load the weights: {exc}", "INTERNAL") from exc
+            raise WeightPushError("reload_failed", f"vLLM could not load the weights: {exc}") from exc
         with torch.no_grad():
             for name, tensor in tensors.items():
                 self._weights[name].copy_(tensor)
