@@ -64,6 +64,37 @@ def test_async_mode_never_trains_on_samples_older_than_max_policy_lag(
     assert "flywheel_learner_behaviour_kl" in samples
 
 
+def test_async_mode_pushes_in_the_background_in_order_and_the_next_batch_samples_the_new_version(
+    generator: Any, reward: Any, server_config: dict[str, Any], start_server: Any, tiny_llama_path: str,  # noqa: F811
+    internal_token: str, redis_client: Any,
+) -> None:
+    config = learner_config(server_config, tiny_llama_path, f"127.0.0.1:{generator.port}",
+                            f"127.0.0.1:{reward.port}", mode="async", rollout_prefetch=1, max_policy_lag=1,
+                            stale_policy="drop", delta_push=True)
+    learner = start_server(build_learner, config).learner
+    pushed: list[float] = []
+    for step in range(1, 6):
+        metrics = learner.run_step()
+        assert learner.status().policy_version == step
+        if step > 1:  # a step reports the push of the version before it, which finished meanwhile
+            pushed.append(metrics["push_version"])
+            assert metrics["push_replicas_ok"] == 1.0 and metrics["push_bytes"] > 0
+    assert pushed == [1.0, 2.0, 3.0, 4.0]
+    last = learner.wait_for_push()
+    assert last is not None and (last.version, last.ok, last.kind) == (5, [f"127.0.0.1:{generator.port}"], "delta")
+    assert _generator_policy(generator.port, internal_token) == 5
+    # Each version is registered with its lineage, and the generator serves the last one bit for bit.
+    entries = {e.version: e for e in learner.publisher.registry.entries()}
+    assert [entries[v].parent_version for v in range(1, 6)] == [0, 1, 2, 3, 4]
+    _assert_bit_equal(_served_weights(generator), {n: t.detach().clone()
+                                                   for n, t in learner.model.policy.state_dict().items()})
+    # The rollout thread waited for each push: batch k was sampled by version k-1 (lag 1 at most,
+    # none dropped), as with a blocking push.
+    for record in learner.async_rollouts.history:
+        assert set(record.sample_versions) <= {record.training_version, record.training_version - 1}, record
+        assert record.dropped_versions == [], record
+
+
 def test_rollback_restores_an_earlier_version_bit_for_bit_as_a_new_version(
     generator: Any, reward: Any, server_config: dict[str, Any], start_server: Any, tiny_llama_path: str,  # noqa: F811
     internal_token: str, redis_client: Any,

@@ -13,6 +13,11 @@ refill the batch) or kept with loss weight ``stale_downweight ** (lag - max_poli
 stay grouped by prompt (GRPO/RLOO baselines need the whole group), and a group is as stale as its
 oldest sample. Correction for the remaining lag is the trainer's job (decoupled PPO, ``ppo.py``).
 
+With the learner's background push (``Learner._publish_in_background``), version v+1 may still be
+on its way to the generators when batch k+2 is requested: the ``barrier`` callback returns that
+push's future, and the rollout thread waits for it before generating, so the batch is sampled by
+v+1 as it would be with a blocking push. The learner does not wait; only the rollout thread does.
+
 Prompts are drawn by the learner's thread (``draw`` callback, under the learner's lock) and handed
 to the rollout thread, so the prompt position stays owned by one thread. A checkpoint therefore
 counts prefetched prompts as consumed: resuming an async run skips the in-flight batch's prompts.
@@ -20,6 +25,7 @@ counts prefetched prompts as consumed: resuming an async run skips the in-flight
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -157,15 +163,18 @@ Draw = Callable[[], tuple[list[PromptItem], int]]
 class AsyncRollouts:
     """Prefetches scored batches on a background thread; ``next_selection`` hands out filtered steps."""
 
-    def __init__(self, source: RolloutSource, config: Any, stop: threading.Event) -> None:
+    def __init__(self, source: RolloutSource, config: Any, stop: threading.Event,
+                 barrier: Callable[[], concurrent.futures.Future[Any] | None] | None = None) -> None:
         self.source = source
         self.config = config
         self.stop = stop
+        self.barrier = barrier  # what a batch requested now must wait for before it generates
         self.buffer: list[SampleGroup] = []
         self.history: deque[TrainedBatch] = deque(maxlen=HISTORY)
         self.in_flight = 0
         self._epoch = 0  # bumped by discard(): results of older epochs are thrown away
-        self._requests: queue.Queue[tuple[int, list[PromptItem], int] | None] = queue.Queue()
+        self._requests: queue.Queue[tuple[int, list[PromptItem], int, concurrent.futures.Future[Any] | None] | None] = (
+            queue.Queue())
         self._results: queue.Queue[tuple[int, ScoredBatch | BaseException]] = queue.Queue()
         self._thread = threading.Thread(target=self._produce, name="learner-rollouts", daemon=True)
         self._thread.start()
@@ -176,7 +185,11 @@ class AsyncRollouts:
             request = self._requests.get()
             if request is None:
                 return
-            epoch, prompts, seed = request
+            epoch, prompts, seed, wait_for = request
+            if wait_for is not None:
+                # Its outcome is the learner's business (it raises there); a failed push just means
+                # this batch samples the version the generators still serve.
+                concurrent.futures.wait([wait_for])
             try:
                 self._results.put((epoch, self._rollout(prompts, seed)))
             except BaseException as exc:  # handed to the learner's thread, which decides
@@ -195,7 +208,7 @@ class AsyncRollouts:
     def _fill(self, draw: Draw) -> None:
         while self.in_flight < self.config.rollout_prefetch:
             prompts, seed = draw()
-            self._requests.put((self._epoch, prompts, seed))
+            self._requests.put((self._epoch, prompts, seed, self.barrier() if self.barrier is not None else None))
             self.in_flight += 1
 
     def _take(self) -> ScoredBatch | None:

@@ -11,7 +11,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +27,7 @@ from flywheel.learner.guard import eval_prompts, evaluate_served_policy, guard_v
 from flywheel.learner.metrics import LearnerMetrics, MetricsLog
 from flywheel.learner.models import load_models
 from flywheel.learner.prompts import NoPrompts, PromptItem, PromptSource
-from flywheel.learner.publish import PolicyPublisher
+from flywheel.learner.publish import PolicyPublisher, PushReport
 from flywheel.learner.registry import PolicyEntry, UnknownVersion
 from flywheel.learner.rollout import GeneratedBatch, Stopped
 from flywheel.learner.trainer import Rollout, Trainer
@@ -77,6 +78,10 @@ class Learner:
         self.async_rollouts: AsyncRollouts | None = None  # mode=async: the prefetching rollout thread
         self._rollout_batches = 0  # async: batches requested (their sampling seeds)
         self._registered = False  # the version we start from is in the policy registry
+        # mode=async: each version is pushed (and registered) on this thread while the next step
+        # trains; at most one push is in flight (``_pending_push``), so versions land in order.
+        self._push_pool: ThreadPoolExecutor | None = None
+        self._pending_push: Future[PushReport] | None = None
 
     # --- loading and resuming ----------------------------------------------------------------
     def load(self) -> None:
@@ -125,6 +130,7 @@ class Learner:
             previous = self.status_.phase
             self._set_phase("checkpointing")
             start = time.perf_counter()
+            self.wait_for_push()  # the version a checkpoint records has been pushed and registered
             state = {
                 "value_head": self.model.value_head.state_dict() if self.model.value_head is not None else None,
                 "critic": self.model.critic.state_dict() if self.model.critic is not None else None,
@@ -179,6 +185,12 @@ class Learner:
                 return
         if self.async_rollouts is not None:
             self.async_rollouts.close()
+        try:
+            self.wait_for_push()
+        except Exception:  # the version stays unpushed; the next run's sync pushes it
+            log.exception("the last background push failed")
+        if self._push_pool is not None:
+            self._push_pool.shutdown()
         if hasattr(self, "trainer") and self.status_.step > self._checkpointed_step:
             self.save_checkpoint()
 
@@ -249,7 +261,7 @@ class Learner:
         start = time.perf_counter()
         with self._timed(timings, "generate"):
             self._set_phase("generating")
-            self.sync_replicas()
+            self._sync_replicas_if_needed()
             with self._lock:
                 prompts = self.prompt_source.next_batch(cfg.prompts_per_step)
             batch = self.rollouts.generate(prompts, seed=cfg.seed * 1_000_003 + self.status_.step)
@@ -284,11 +296,17 @@ class Learner:
         samples = rated_samples(self.feedback.take_rated())
         metrics.update(rating_step(self.trainer, samples, self.status_.policy_version))
 
+    def _sync_replicas_if_needed(self) -> None:
+        """``sync_replicas`` at the first step and whenever a push or version query failed since."""
+        if self.publisher is not None and (self.publisher.needs_sync or not self._registered):
+            self.sync_replicas()
+
     def sync_replicas(self) -> None:
         """Brings restarted/lagging replicas to the current version before they generate."""
         if self.publisher is None:
             return
         with self._lock:
+            self.wait_for_push()  # a push in flight would make its replicas look one version behind
             self._register_start_version()
             version, report = self.publisher.sync(self.model.policy.state_dict(), self.status_.policy_version,
                                                   self.status_.step)
@@ -302,25 +320,65 @@ class Learner:
         self.metrics.policy_version.set(version)
 
     def _publish(self, metrics: dict[str, float], rm_version: int = 0) -> None:
+        """Sync mode: pushes the new version (and registers it) before the next generation starts."""
         version = self.status_.policy_version + 1
         self._set_version(version)
         if self.publisher is None:
             return
+        report = self._push_version(self.model.policy.state_dict(), self._lineage(version, metrics, rm_version))
+        self._push_figures(metrics, report)
+
+    def _publish_in_background(self, metrics: dict[str, float], rm_version: int = 0) -> None:
+        """Async mode: hands the new version to the push thread and returns; the next step trains
+        meanwhile. Waits first for the previous version's push (normally long done), whose figures
+        go into this step's metrics (``push_version`` says which). The rollout thread waits for
+        this push before it starts the next batch (``AsyncRollouts``' barrier), so that batch is
+        sampled by the new version: the staleness is the same as with a blocking push."""
+        previous = self.wait_for_push()
+        if previous is not None:
+            self._push_figures(metrics, previous)
+        version = self.status_.policy_version + 1
+        self._set_version(version)
+        if self.publisher is None:
+            return
+        # A private copy: training goes on changing the live weights while this one is sent. It
+        # becomes the publisher's delta base afterwards, so a delta push costs no extra copy.
+        state = {name: t.detach().clone() for name, t in self.model.policy.state_dict().items()}
+        if self._push_pool is None:
+            self._push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-push")
+        self._pending_push = self._push_pool.submit(self._push_version, state,
+                                                    self._lineage(version, metrics, rm_version), True)
+
+    def wait_for_push(self) -> PushReport | None:
+        """Waits for the background push in flight (async mode), if any, and returns its report;
+        raises what the push raised. Callers hold the lock, or the loop has stopped."""
+        future, self._pending_push = self._pending_push, None
+        return None if future is None else future.result()
+
+    def _lineage(self, version: int, metrics: dict[str, float], rm_version: int) -> PolicyEntry:
+        return PolicyEntry(version, parent_version=version - 1, step=self.status_.step, reward_model_version=rm_version,
+                           data_window=self._data_window(),
+                           metrics={k: metrics[k] for k in ("reward_mean", "kl") if k in metrics})
+
+    def _push_version(self, state: Mapping[str, torch.Tensor], entry: PolicyEntry, owned: bool = False) -> PushReport:
+        """Pushes ``state`` as ``entry.version`` to every generator and registers it if any took it.
+        Runs on the push thread in async mode: it touches the publisher and metrics, never the model."""
+        assert self.publisher is not None
         from flywheel.learner.targets import resolve_targets
 
-        report = self.publisher.push(self.model.policy.state_dict(), version,
-                                     resolve_targets(self.config.generator_targets),
-                                     {"step": str(self.status_.step), "algorithm": self.config.algorithm})
+        report = self.publisher.push(state, entry.version, resolve_targets(self.config.generator_targets),
+                                     {"step": str(entry.step), "algorithm": self.config.algorithm}, owned=owned)
         self.metrics.push_bytes.inc(report.bytes_sent)
         self.metrics.push_seconds.observe(report.seconds)
         self.metrics.push_failures.inc(len(report.failed))
-        metrics["push_bytes"] = float(report.bytes_sent)
-        metrics["push_replicas_ok"] = float(len(report.ok))
         if report.ok:
-            self.publisher.register(PolicyEntry(
-                version, parent_version=version - 1, step=self.status_.step, reward_model_version=rm_version,
-                data_window=self._data_window(), metrics={k: metrics[k] for k in ("reward_mean", "kl") if k in metrics},
-            ), self.model.policy.state_dict())
+            self.publisher.register(entry, state)
+        return report
+
+    @staticmethod
+    def _push_figures(metrics: dict[str, float], report: PushReport) -> None:
+        metrics.update(push_version=float(report.version), push_bytes=float(report.bytes_sent),
+                       push_replicas_ok=float(len(report.ok)), push_seconds=report.seconds)
 
     def _finish_step(self, metrics: dict[str, float], timings: dict[str, float], batch: GeneratedBatch,
                      rm_version: int) -> None:
@@ -359,11 +417,12 @@ class Learner:
         start = time.perf_counter()
         with self._lock:
             if self.async_rollouts is None:
-                self.async_rollouts = AsyncRollouts(self.rollouts, self.config, self.stop_event)
+                self.async_rollouts = AsyncRollouts(self.rollouts, self.config, self.stop_event,
+                                                    barrier=lambda: self._pending_push)
                 self._rollout_batches = self.status_.step
             with self._timed(timings, "generate"):  # only the generation that training did not hide
                 self._set_phase("generating")
-                self.sync_replicas()
+                self._sync_replicas_if_needed()
                 selection, received = self.async_rollouts.next_selection(self.status_.policy_version,
                                                                          self._draw_prompts)
             for lag in selection.lags + selection.dropped_lags:
@@ -380,9 +439,9 @@ class Learner:
             if received:
                 metrics["seconds_rollout_generate"] = sum(r.seconds_generate for r in received) / len(received)
                 metrics["seconds_rollout_score"] = sum(r.seconds_score for r in received) / len(received)
-            with self._timed(timings, "push"):
+            with self._timed(timings, "push"):  # only the hand-over: the push itself runs in the background
                 self._set_phase("pushing")
-                self._publish(metrics, rm_version)
+                self._publish_in_background(metrics, rm_version)
             timings["total"] = time.perf_counter() - start
             self._finish_step(metrics, timings, selection.generated_batch(), rm_version)
         return metrics
@@ -445,6 +504,7 @@ class Learner:
 
         registry = self.publisher.registry
         with self._lock:
+            self.wait_for_push()  # the rollback's version must land after the one in flight
             target = version if version is not None else self.rollback_target()
             state = registry.load_snapshot(target)  # UnknownVersion / NotRestorable
             parent = self.status_.policy_version
@@ -477,6 +537,9 @@ class Learner:
         cfg = self.config
         if not cfg.guard_enabled or self.publisher is None or self.rollouts is None:
             return
+        pushed = self.wait_for_push()  # async mode: the version to evaluate must be serving
+        if pushed is not None:
+            self._push_figures(metrics, pushed)
         registry, version = self.publisher.registry, self.status_.policy_version
         pad_id = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
         evaluation = evaluate_served_policy(self.rollouts, self.reference, eval_prompts(cfg), cfg,

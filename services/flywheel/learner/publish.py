@@ -48,6 +48,12 @@ class PolicyPublisher:
         self.base: dict[str, torch.Tensor] | None = None  # the state of the last pushed version
         self.base_version = -1
         self.registry = PolicyRegistry(redis, config.checkpoint_dir, config.keep_policy_snapshots, pusher)
+        # Whether the replicas' versions must be checked (``sync``) before the next generation: at
+        # start (a replica may be ahead after a lost checkpoint), and after any push or version
+        # query failed (a replica restarted, or was down). Asking every step would cost a GetPolicy
+        # round trip per replica per step for nothing; a restarted replica also shows up on its own,
+        # as a failed delta push (its base no longer matches).
+        self.needs_sync = True
 
     # --- replica versions ------------------------------------------------------------------
     def replica_versions(self) -> dict[str, int | Exception]:
@@ -74,8 +80,9 @@ class PolicyPublisher:
 
     # --- pushes ------------------------------------------------------------------------------
     def push(self, state: Mapping[str, torch.Tensor], version: int, targets: list[str],
-             metadata: Mapping[str, str]) -> PushReport:
-        """Pushes ``version`` to ``targets``: deltas where the replica has the base, full elsewhere."""
+             metadata: Mapping[str, str], owned: bool = False) -> PushReport:
+        """Pushes ``version`` to ``targets``: deltas where the replica has the base, full elsewhere.
+        ``owned``: ``state`` is a private copy nobody modifies, kept as the next delta's base as is."""
         start = time.perf_counter()
         use_delta = self.config.delta_push and self.base is not None
         delta_targets = [t for t in targets if use_delta and self.acked.get(t) == self.base_version]
@@ -97,12 +104,16 @@ class PolicyPublisher:
                     else repr(outcome)
                 report.failed[target] = detail
                 self.acked.pop(target, None)  # it gets a full push next time
+                self.needs_sync = True
                 log.warning("push of version %d to %s failed: %s", version, target, detail)
             else:
                 report.ok.append(target)
                 report.bytes_sent += int(outcome.bytes_received)
                 self.acked[target] = version
-        self.base = {name: t.detach().clone() for name, t in state.items()} if self.config.delta_push else None
+        if not self.config.delta_push:
+            self.base = None
+        else:
+            self.base = dict(state) if owned else {name: t.detach().clone() for name, t in state.items()}
         self.base_version = version
         report.seconds = time.perf_counter() - start
         return report
@@ -119,6 +130,7 @@ class PolicyPublisher:
         for target, err in versions.items():
             if not isinstance(err, int):
                 self.acked.pop(target, None)
+        self.needs_sync = len(reachable) < len(versions)  # ask again next time for those not reached
         ahead = max([*reachable.values(), self.recorded_version()], default=0)
         targets = [t for t, v in reachable.items() if v != version]
         if ahead > version:
