@@ -115,7 +115,9 @@ def run_mode(mode: str, steps: int, model: str, common: dict[str, Any], tmp: Pat
         return {"samples_per_second": samples / seconds, "seconds": seconds, "eval_reward_before": before.reward,
                 "eval_reward": after.reward, "eval_kl": after.kl, "generate_wait": mean("seconds_generate"),
                 "train": mean("seconds_train"), "push": mean("seconds_push"),
-                "staleness_mean": mean("staleness_mean"), "rollout_generate": mean("seconds_rollout_generate")}
+                "staleness_mean": mean("staleness_mean"), "rollout_generate": mean("seconds_rollout_generate"),
+                "tokens_per_sample": mean("completion_tokens_mean"),
+                "tokens_per_second": samples / seconds * mean("completion_tokens_mean")}
     finally:
         _stop(generator)
         _stop(reward)
@@ -152,9 +154,12 @@ def main() -> None:
         ("samples/s", "samples_per_second", ".2f",
          f"{steps} timed steps x 64 samples after 1 warm-up, x{len(order) // 2} runs (order {'/'.join(order)})"),
         ("wall seconds", "seconds", ".1f", ""),
+        ("completion tokens / sample", "tokens_per_sample", ".2f",
+         "what each mode's policy generates: more tokens = more work per sample"),
+        ("completion tokens/s", "tokens_per_second", ".0f", "work done per second, whatever the lengths"),
         ("learner waits for rollouts (s/step)", "generate_wait", ".3f", "async: what training did not hide"),
         ("train (s/step)", "train", ".3f", "learner core 0"),
-        ("push (s/step)", "push", ".3f", "delta PushWeights"),
+        ("push (s/step)", "push", ".3f", "sync: delta PushWeights; async: hand-over (pushed in background)"),
         ("rollout generate (s/batch)", "rollout_generate", ".3f", "async rollout thread; services on core 1"),
         ("sample staleness (versions, mean)", "staleness_mean", ".2f", "max_policy_lag=1, drop"),
         ("eval reward pre-RL", "eval_reward_before", "+.3f", f"{EVAL_PROMPTS} held-out prompts x 4, fixed seed"),
@@ -170,7 +175,8 @@ def main() -> None:
     summary = {"name": "async_vs_sync", "ours": round(asy["samples_per_second"], 3),
                "baseline": round(sync["samples_per_second"], 3), "ratio": round(ratio, 3), "target": 1.5,
                "unit": "samples/s, async / sync (same steps)", "final_reward_async": round(asy["eval_reward"], 4),
-               "final_reward_sync": round(sync["eval_reward"], 4)}
+               "final_reward_sync": round(sync["eval_reward"], 4),
+               "tokens_per_s_ratio": round(asy["tokens_per_second"] / sync["tokens_per_second"], 3)}
     print(json.dumps(summary), flush=True)
 
 
