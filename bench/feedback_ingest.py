@@ -1,7 +1,7 @@
 """Sustained feedback ingest with durability on (Redis AOF, appendfsync everysec).
 
-Ours: SubmitFeedback to a feedback server running in its own process (validation, rate-limit
-script, completion-log join, idempotent Lua append), batched and unary, from client threads here.
+Ours: SubmitFeedback to a feedback server running in its own process (validation, then one Lua
+script: rate limit, completion-log join, idempotent append), batched and unary, from client threads here.
 Baseline, same run, same Redis: redis-py pipelined XADD of the very payloads our server stored.
 Batched load runs at 1, 2 and 4 calls in flight (100 events per call); every level is a row. The
 JSON line reports throughput at the latency objective, as serving benchmarks do: ours = the

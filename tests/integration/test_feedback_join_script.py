@@ -1,6 +1,7 @@
 """The join inside Redis (flywheel.feedback.join_script) against the Python join on a real Redis:
 byte-identical records for every kind and awkward logged values, the same rejections, and a
-fallback (nothing stored) for logged values only the Python join reproduces."""
+fallback (nothing stored) for logged values only the Python join reproduces; the rate limit the
+script checks first."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from typing import Any
 import pytest
 
 from flywheel.common import keys
-from flywheel.feedback.core import FeedbackStore, IdempotencyConflict, JoinItem, JoinRejected
+from flywheel.feedback.core import (
+    FeedbackStore,
+    IdempotencyConflict,
+    JoinItem,
+    JoinRejected,
+    RateLimit,
+    RateLimited,
+)
 from flywheel.feedback.join import build_record, record_parts
 from flywheel.feedback.validation import EventDraft, Limits, parse_batch
 from flywheel.v1 import feedback_pb2 as pb
@@ -173,3 +181,32 @@ def test_values_only_python_reproduces_fall_back_before_storing(
     assert store.join_and_store(items_for(drafts)) is None
     assert redis_client.xlen(keys.FEEDBACK_STREAM) == 0
     assert redis_client.keys(keys.idempotency_key("*")) == []
+
+
+def test_rate_limit_comes_first_and_a_limited_batch_takes_and_stores_nothing(redis_client: Any) -> None:
+    store = FeedbackStore(redis_client)
+    cid = log_completion(redis_client)
+    limit = RateLimit("tests", per_second=0.001, burst=3)  # refills 1 token per 1000 s: none here
+
+    def batch(*names: str) -> list[JoinItem]:
+        events = [
+            pb.FeedbackEvent(idempotency_key=name, rating=pb.Rating(completion_id=cid, thumb=pb.THUMB_UP))
+            for name in names
+        ]
+        return items_for(parse_batch(pb.SubmitFeedbackRequest(events=events), LIMITS))
+
+    outcomes = store.join_and_store(batch("a", "b"), limit)
+    assert outcomes is not None and [o.status for o in outcomes] == ["accepted", "accepted"]
+    with pytest.raises(RateLimited) as info:
+        store.join_and_store(batch("c", "d"), limit)  # 2 tokens wanted, 1 left
+    assert info.value.wait_ms > 0
+    assert redis_client.xlen(keys.FEEDBACK_STREAM) == 2
+    assert redis_client.get(keys.idempotency_key("tests:c")) is None
+    # The limited batch took nothing: the last token still lets one event through.
+    last = store.join_and_store(batch("c"), limit)
+    assert last is not None and [o.status for o in last] == ["accepted"]
+    with pytest.raises(RateLimited):
+        store.join_and_store(batch("a"), limit)  # even a duplicate costs a token, as before
+    other = store.join_and_store(batch("e"), RateLimit("someone-else", 0.001, 3))  # buckets are per client
+    assert other is not None and [o.status for o in other] == ["accepted"]
+    assert redis_client.xlen(keys.FEEDBACK_STREAM) == 4

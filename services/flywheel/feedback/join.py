@@ -11,7 +11,14 @@ import json
 import time
 from typing import Any
 
-from flywheel.feedback.records import CompletionRecord, FeedbackRecord
+from flywheel.feedback.records import (
+    SCHEMA_VERSION,
+    CompletionRecord,
+    FeedbackRecord,
+    RatingValue,
+    json_number,
+    json_string,
+)
 from flywheel.feedback.validation import EventDraft, InvalidBatch
 
 LoggedCompletion = dict[str, Any]
@@ -77,24 +84,54 @@ def rejected_join(draft: EventDraft, reason: str) -> InvalidBatch:
 
 def record_parts(draft: EventDraft, client: str, now: float) -> tuple[str, str]:
     """(head, tail) of ``draft``'s record JSON around the joined fields, which the join script
-    splices in: ``"prompt"`` through ``"rejected"``. An event without completions is whole: (record, "")."""
-    if not draft.completion_ids:
-        return build_record(draft, client, {}, now).to_json(), ""
-    text = FeedbackRecord(
-        kind=draft.kind,
-        idempotency_key=draft.idempotency_key,
-        client=client,
-        prompt="",
-        corrected_text=draft.texts.get("corrected_text"),
-        rating=draft.rating,
-        user_id=draft.user_id,
-        session_id=draft.session_id,
-        metadata=draft.metadata,
-        client_time=draft.client_time,
-        received_at=now,
-    ).to_json()
-    # Inside a JSON string every '"' is escaped, so ',"name":' only occurs as a key.
-    return text[: text.index(',"prompt":') + 1], text[text.index(',"corrected_text":') :]
+    splices in: ``"prompt"`` through ``"rejected"``. An event without completions is whole: (record, "").
+
+    Written from parts (one call per event on the ingest path) rather than through
+    ``FeedbackRecord.to_json``; the text is the same, field for field (tests compare the two)."""
+    head = (
+        f'{{"kind":{json_string(draft.kind)},"idempotency_key":{json_string(draft.idempotency_key)},'
+        f'"client":{json_string(client)},'
+    )
+    corrected = draft.texts.get("corrected_text")
+    metadata = (
+        json.dumps(draft.metadata, separators=(",", ":"), ensure_ascii=False) if draft.metadata else "{}"
+    )
+    tail = (
+        f',"corrected_text":{"null" if corrected is None else json_string(corrected)}'
+        f',"rating":{_rating_json(draft.rating)},"user_id":{json_string(draft.user_id)}'
+        f',"session_id":{json_string(draft.session_id)},"metadata":{metadata}'
+        f',"client_time":{json_number(draft.client_time)},"received_at":{json_number(now)}'
+        f',"schema_version":{SCHEMA_VERSION}}}'
+    )
+    if draft.completion_ids:
+        return head, tail
+    prompt = f'"prompt":{json_string(draft.prompt)},"prompt_messages":null,"prompt_token_ids":[]'
+    if draft.kind == "comparison":
+        chosen = _inline_completion(draft.texts["chosen"])
+        rejected = _inline_completion(draft.texts["rejected"])
+        return f'{head}{prompt},"completion":null,"chosen":{chosen},"rejected":{rejected}{tail}', ""
+    if draft.kind == "inline_pair":
+        completion = _inline_completion(draft.texts["completion"])
+        return f'{head}{prompt},"completion":{completion},"chosen":null,"rejected":null{tail}', ""
+    return build_record(draft, client, {}, now).to_json(), ""  # not produced by validation
+
+
+def _inline_completion(text: str) -> str:
+    """``CompletionRecord(text=text)``'s JSON."""
+    return (
+        f'{{"text":{json_string(text)},"completion_id":"","token_ids":[],"behaviour_logprobs":[],'
+        '"policy_version":null,"finish_reason":"","adapter_name":"","logged_at":null}'
+    )
+
+
+def _rating_json(rating: RatingValue | None) -> str:
+    if rating is None:
+        return "null"
+    thumb = "null" if rating.thumb is None else json_string(rating.thumb)
+    return (
+        f'{{"thumb":{thumb},"value":{json_number(rating.value)},"min":{json_number(rating.min)},'
+        f'"max":{json_number(rating.max)}}}'
+    )
 
 
 def build_record(

@@ -28,11 +28,28 @@ This module is plain Python (no grpc, no redis) so the learner can import it any
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Any
 
 SCHEMA_VERSION = 1
 KINDS = ("rating", "comparison", "correction", "inline_pair")
+
+# Pieces of record JSON for the ingest path, which writes records (and payload hashes) from parts
+# instead of building objects for json.dumps: the same text, several times faster per event.
+json_string = encode_basestring
+"""``json.dumps(s, ensure_ascii=False)`` for a str ``s`` (the same C function json.dumps uses)."""
+
+
+def json_number(value: float | None) -> str:
+    """``json.dumps(value)`` for an int, a float or None; NaN and Infinity raise ValueError (as
+    json.dumps does with allow_nan=False, which to_json uses)."""
+    if value is None:
+        return "null"
+    if not math.isfinite(value):
+        raise ValueError(f"Out of range float values are not JSON compliant: {value!r}")
+    return repr(value)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter as Tally  # prometheus_client has the Counter name here
 from collections.abc import Iterable
 
 import grpc
@@ -21,6 +22,8 @@ from flywheel.feedback.core import (
     JoinRejected,
     NotDurable,
     Outcome,
+    RateLimit,
+    RateLimited,
     StoreItem,
 )
 from flywheel.feedback.join import build_record, missing_completions, record_parts, rejected_join
@@ -144,31 +147,16 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def _submit(
         self, drafts: list[EventDraft], client: str, context: grpc.ServicerContext, start: float
     ) -> feedback_pb2.SubmitFeedbackResponse:
-        wait_ms = self._take_tokens(client, len(drafts))
-        if wait_ms:
+        try:
+            outcomes = self._join_and_store(drafts, client)
+        except RateLimited as exc:
             self.metrics.reject((d.kind for d in drafts), "rate_limited")
-            context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(wait_ms)),))
+            context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(exc.wait_ms)),))
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"rate limit for client {client!r} ({self.config.rate_limit_per_second:g} events/s, "
-                f"burst {self.config.rate_limit_burst}): retry after {wait_ms} ms",
+                f"burst {self.config.rate_limit_burst}): retry after {exc.wait_ms} ms",
             )
-        response = self._store(drafts, client, context)
-        self.metrics.ack_latency.observe(time.perf_counter() - start)
-        return response
-
-    def _take_tokens(self, client: str, cost: int) -> int:
-        if self.config.rate_limit_per_second <= 0:
-            return 0
-        return self.store.take_tokens(
-            client, cost, self.config.rate_limit_per_second, self.config.rate_limit_burst
-        )
-
-    def _store(
-        self, drafts: list[EventDraft], client: str, context: grpc.ServicerContext
-    ) -> feedback_pb2.SubmitFeedbackResponse:
-        try:
-            outcomes = self._join_and_store(drafts, client)
         except JoinRejected as exc:
             self.metrics.reject((d.kind for d in drafts), "invalid")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(rejected_join(drafts[exc.index], exc.reason)))
@@ -187,10 +175,13 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         except InvalidBatch as exc:  # the Python join's verdict
             self.metrics.reject((d.kind for d in drafts), "invalid")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return self._response(drafts, outcomes)
+        response = self._response(drafts, outcomes)
+        self.metrics.ack_latency.observe(time.perf_counter() - start)
+        return response
 
     def _join_and_store(self, drafts: list[EventDraft], client: str) -> list[Outcome]:
-        """Joins in Redis (one script); the Python join when the script leaves a batch to it."""
+        """Rate limit and join in Redis (one script); the Python join when the script leaves a
+        batch to it (the script took the batch's tokens already)."""
         now = time.time()
         items = []
         for draft in drafts:
@@ -206,7 +197,10 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                     draft.texts.get("corrected_text", "") if draft.kind == "correction" else "",
                 )
             )
-        outcomes = self.store.join_and_store(items)
+        limit = None
+        if self.config.rate_limit_per_second > 0:
+            limit = RateLimit(client, self.config.rate_limit_per_second, self.config.rate_limit_burst)
+        outcomes = self.store.join_and_store(items, limit)
         return outcomes if outcomes is not None else self._python_join_and_store(drafts, client)
 
     def _python_join_and_store(self, drafts: list[EventDraft], client: str) -> list[Outcome]:
@@ -229,27 +223,32 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def _response(
         self, drafts: list[EventDraft], outcomes: list[Outcome]
     ) -> feedback_pb2.SubmitFeedbackResponse:
-        results = []
+        response = feedback_pb2.SubmitFeedbackResponse()
+        results = response.results
+        counts: Tally[tuple[str, str]] = Tally()
         for draft, outcome in zip(drafts, outcomes, strict=True):
+            counts[outcome.status, draft.kind] += 1
             message = ""
-            if outcome.status == "accepted":
-                self.metrics.accepted.labels(draft.kind).inc()
-            elif outcome.status == "duplicate":
-                self.metrics.duplicates.labels(draft.kind).inc()
+            if outcome.status == "duplicate":
                 message = "already stored under this idempotency key; this is the original acknowledgement"
-            else:
-                self.metrics.rejected.labels(draft.kind, "unknown_completion").inc()
+            elif outcome.status == "unknown":
                 ids = ", ".join(repr(c) for c in outcome.missing)
                 message = f"completion {ids} is unknown or expired from the completion log; not stored"
-            results.append(
-                feedback_pb2.EventResult(
-                    idempotency_key=draft.idempotency_key,
-                    status=STATUS[outcome.status],
-                    event_id=outcome.event_id,
-                    message=message,
-                )
+            results.add(
+                idempotency_key=draft.idempotency_key,
+                status=STATUS[outcome.status],
+                event_id=outcome.event_id,
+                message=message,
             )
-        return feedback_pb2.SubmitFeedbackResponse(results=results)
+        # One metric update per (status, kind) rather than per event: labels() takes a lock.
+        for (status, kind), count in counts.items():
+            if status == "accepted":
+                self.metrics.accepted.labels(kind).inc(count)
+            elif status == "duplicate":
+                self.metrics.duplicates.labels(kind).inc(count)
+            else:
+                self.metrics.rejected.labels(kind, "unknown_completion").inc(count)
+        return response
 
     def GetFeedbackStats(
         self, request: feedback_pb2.GetFeedbackStatsRequest, context: grpc.ServicerContext

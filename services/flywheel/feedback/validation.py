@@ -7,12 +7,10 @@ limit, and the servicer answers INVALID_ARGUMENT before anything touches Redis.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from flywheel.feedback.records import RatingValue
+from flywheel.feedback.records import RatingValue, json_number, json_string
 from flywheel.v1 import feedback_pb2
 
 MAX_KEY_CHARS = 128
@@ -32,7 +30,7 @@ class Limits:
     max_metadata_bytes: int
 
 
-@dataclass
+@dataclass(slots=True)
 class EventDraft:
     """A validated event before the join: what the client sent, in domain terms."""
 
@@ -51,20 +49,37 @@ class EventDraft:
     client_time: float | None = None
 
     def payload_hash(self) -> str:
-        """SHA-256 of everything the client sent except the idempotency key (canonical JSON)."""
-        body: dict[str, Any] = {
-            "kind": self.kind,
-            "completion_ids": self.completion_ids,
-            "prompt": self.prompt,
-            "texts": self.texts,
-            "rating": None if self.rating is None else vars(self.rating),
-            "user_id": self.user_id,
-            "session_id": self.session_id,
-            "metadata": self.metadata,
-            "client_time": self.client_time,
-        }
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        """SHA-256 of everything the client sent except the idempotency key (canonical JSON).
+
+        The canonical JSON is ``json.dumps(body, sort_keys=True, separators=(",", ":"),
+        ensure_ascii=False)`` of {kind, completion_ids, prompt, texts, rating (its fields),
+        user_id, session_id, metadata, client_time}, written here from parts in sorted key order
+        (one call per event on the ingest path). It must never change: stored idempotency keys
+        compare against it for ``idempotency_ttl_seconds`` (tests pin it to the json.dumps form)."""
+        rating = self.rating
+        rating_json = (
+            "null"
+            if rating is None
+            else f'{{"max":{json_number(rating.max)},"min":{json_number(rating.min)},'
+            f'"thumb":{"null" if rating.thumb is None else json_string(rating.thumb)},'
+            f'"value":{json_number(rating.value)}}}'
+        )
+        text = (
+            f'{{"client_time":{json_number(self.client_time)}'
+            f',"completion_ids":[{",".join(map(json_string, self.completion_ids))}]'
+            f',"kind":{json_string(self.kind)},"metadata":{_sorted_object(self.metadata)}'
+            f',"prompt":{json_string(self.prompt)},"rating":{rating_json}'
+            f',"session_id":{json_string(self.session_id)},"texts":{_sorted_object(self.texts)}'
+            f',"user_id":{json_string(self.user_id)}}}'
+        )
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sorted_object(mapping: dict[str, str]) -> str:
+    """A str → str mapping as json.dumps(sort_keys=True, separators=(",", ":")) writes it."""
+    if not mapping:
+        return "{}"
+    return "{" + ",".join(f"{json_string(k)}:{json_string(v)}" for k, v in sorted(mapping.items())) + "}"
 
 
 def _text(value: str, where: str, limit: int, required: bool = True) -> str:
@@ -80,7 +95,8 @@ def _identifier(value: str, where: str, limit: int = MAX_ID_CHARS) -> str:
         raise InvalidBatch(f"{where}: must not be empty")
     if len(value) > limit:
         raise InvalidBatch(f"{where}: {len(value)} characters, limit is {limit}")
-    if any(c.isspace() or not c.isprintable() for c in value):
+    # The space is the only whitespace character str.isprintable() accepts.
+    if not value.isprintable() or " " in value:
         raise InvalidBatch(f"{where}: must be printable and contain no whitespace")
     return value
 
@@ -153,6 +169,8 @@ def _inline_pair(msg: feedback_pb2.InlinePair, draft: EventDraft, where: str, li
 
 
 def _metadata(event: feedback_pb2.FeedbackEvent, where: str, limits: Limits) -> dict[str, str]:
+    if not event.metadata:
+        return {}
     if len(event.metadata) > limits.max_metadata_entries:
         raise InvalidBatch(
             f"{where}.metadata: {len(event.metadata)} entries, limit is {limits.max_metadata_entries} "
