@@ -8,6 +8,7 @@ to finish, then the server stops and shutdown hooks run (in reverse order of reg
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -209,5 +210,12 @@ def run_service(server: ServiceServer) -> None:
     except BaseException:
         server.stop(0)
         raise
+    # Request handling allocates many short-lived objects; the few alive at a collection get
+    # promoted, and every few hundred requests that triggers a full collection, which walked all
+    # of the start-up heap (~60k objects: modules, protos, gRPC, models) — measured on the feedback
+    # service as 30-40 ms stalls, its whole p99. That heap lives as long as the process: collect
+    # once, then freeze it out of the collector's reach, so full collections walk young objects only.
+    gc.collect()
+    gc.freeze()
     server.set_ready()
     server.serve_forever()
