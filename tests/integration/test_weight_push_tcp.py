@@ -226,3 +226,38 @@ def test_push_weights_over_tcp_to_two_generators_in_parallel(start_gen: Callable
     assert _listening_ports() == listening
     with pytest.raises(ValueError, match="transport"):
         push_weights([gens[0].target], new, 2, token=gens[0].token, transport="shm")
+
+
+def _same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype
+        and torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8))
+        for k in a
+    )
+
+
+def test_pushes_after_a_swap_recycle_staging_memory_and_failures_leave_the_swapped_weights(
+    start_gen: Callable[[], Gen],
+) -> None:
+    """A push hands its staged memory to the model and the memory it replaces is recycled as
+    staging for later pushes: a failing push must never write into what is serving."""
+    gen = start_gen()
+    model = dict(gen.engine.model.named_parameters(remove_duplicate=False))
+    state = gen.live_state()
+    for version in (1, 2):
+        state = _perturbed(state, 20 + version)
+        before = {n: p.data_ptr() for n, p in model.items()}
+        push_plan(gen.target, w.encode_push(state, version), token=gen.token, transport="tcp")
+        serving, outputs = gen.live_state(), gen.outputs()
+        assert _same_bits(serving, state) and {o[2] for o in outputs} == {version}
+        assert all(torch.equal(p, state[n]) for n, p in model.items() if n in state)  # the model's own
+        assert all(p.data_ptr() != before[n] for n, p in model.items())  # taken over, not copied into
+        bad = w.encode_push(_perturbed(state, 30 + version), version + 10)
+        last = bytearray(bad.payloads[-1][1])
+        last[-1] ^= 0xFF  # detected only once every byte has been staged
+        bad.payloads[-1] = (bad.payloads[-1][0], memoryview(last))
+        with pytest.raises(grpc.RpcError) as err:
+            push_plan(gen.target, bad, token=gen.token, transport="tcp")
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        assert gen.version() == version and _same_bits(gen.live_state(), serving)
+        assert gen.outputs() == outputs

@@ -8,9 +8,10 @@ The negotiation, on an ordinary PushWeights stream (the pushing end is ``weight_
    ``x-flywheel-weight-port`` (that port) and ``x-flywheel-weight-nonce`` (32 hex chars, single use).
 3. The pusher connects, sends the nonce, then every tensor's encoded bytes in manifest order,
    and half-closes the connection.
-4. The receiver reads the bytes straight into its staging buffers (``recv_into``, no copies);
-   ``WeightReceiver.advance`` hashes and finite-checks each piece while it is in cache, so the
-   verification is exactly that of a gRPC push. Bytes past the declared sizes fail the push.
+4. The receiver reads the bytes straight into its staging buffers (``recv_into``, no copies), a
+   window at a time; ``WeightReceiver.advance`` hashes and finite-checks each window right after
+   it arrived, while it is in cache, so the verification is exactly that of a gRPC push and a bad
+   tensor fails the push before the rest is read. Bytes past the declared sizes fail the push.
 5. The pusher sends ``WeightCommit(num_chunks=0)``; the receiver finishes and swaps as usual.
 
 One connection is accepted, and the listener is closed as soon as it has it, or on any failure.
@@ -22,11 +23,9 @@ and used to send the metadata; failures are ``WeightPushError`` like every other
 from __future__ import annotations
 
 import hmac
-import queue
 import secrets
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -38,7 +37,7 @@ PORT_KEY = "x-flywheel-weight-port"
 NONCE_KEY = "x-flywheel-weight-nonce"
 NONCE_BYTES = 32  # secrets.token_hex(16)
 MAX_WAIT_S = 600.0  # bound on the side channel when the RPC has no deadline
-WINDOW_BYTES = 1 << 22
+WINDOW_BYTES = 1 << 20  # received, then verified, at a time: fits the L2 (1 MiB per core here)
 ACCEPT_POLL_S = 1.0  # how soon a cancelled RPC frees its listener
 
 
@@ -81,59 +80,9 @@ def receive_over_tcp(receiver: WeightReceiver, context: Any, bind_host: str) -> 
             raise WeightPushError(
                 "bad_nonce", "side channel: wrong nonce; use the one from this RPC's metadata"
             )
-        verifier = _Verifier(receiver)
-        try:
-            for name, buffer in buffers:
-                _recv_tensor(conn, verifier, name, buffer, deadline)
-            _expect_end(conn)
-        except BaseException:
-            verifier.stop()
-            raise
-        verifier.finish(deadline)
-
-
-class _Verifier:
-    """Runs ``receiver.advance`` (checksums, finite checks) on a thread of its own, a window behind
-    the socket: xxhash's streaming update and numpy release the GIL, so verifying window k
-    overlaps receiving window k+1 instead of stalling the socket. Its first error fails the push."""
-
-    def __init__(self, receiver: WeightReceiver) -> None:
-        self._receiver = receiver
-        self._windows: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
-        self._stopped = False
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name="weight-verify", daemon=True)
-        self._thread.start()
-
-    def put(self, name: str, nbytes: int) -> None:
-        if self.error is not None:
-            raise self.error  # fail fast: no point receiving the rest
-        self._windows.put((name, nbytes))
-
-    def stop(self) -> None:
-        """Abandons the queued windows (the push failed already)."""
-        self._stopped = True
-        self._windows.put(None)
-
-    def finish(self, deadline: float) -> None:
-        """Waits for every queued window to be verified; raises the first failure."""
-        self._windows.put(None)
-        self._thread.join(max(deadline - time.monotonic(), 0.0))
-        if self._thread.is_alive():
-            self._stopped = True
-            raise WeightPushError(
-                "side_channel_timeout", "side channel: verification outlasted the RPC deadline"
-            )
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        while (window := self._windows.get()) is not None:
-            if self.error is None and not self._stopped:
-                try:
-                    self._receiver.advance(*window)
-                except Exception as exc:  # re-raised by put/finish on the RPC's thread
-                    self.error = exc
+        for name, buffer in buffers:
+            _recv_tensor(conn, receiver, name, buffer, deadline)
+        _expect_end(conn)
 
 
 def _listen(bind_host: str) -> socket.socket:
@@ -175,14 +124,17 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
 
 
 def _recv_tensor(
-    conn: socket.socket, verifier: _Verifier, name: str, buffer: memoryview, deadline: float
+    conn: socket.socket, receiver: WeightReceiver, name: str, buffer: memoryview, deadline: float
 ) -> None:
-    """Reads one tensor's bytes into its staging buffer a window at a time, handing each window to
-    the verifier right away (it verifies bytes that are still in cache)."""
+    """Reads one tensor's bytes into its staging buffer a window at a time and verifies each window
+    right away, on this thread, while the bytes the kernel just copied are still in this core's L2
+    (the kernel keeps buffering the stream meanwhile). Measured on 2 busy cores, this takes less
+    CPU and less time than a verifier thread a window behind, which reads them from another core
+    and competes with the sender and this thread for the same two cores."""
     for start in range(0, buffer.nbytes, WINDOW_BYTES):
         window = buffer[start : start + WINDOW_BYTES]
         _recv_exactly(conn, window, deadline, what=name)
-        verifier.put(name, window.nbytes)
+        receiver.advance(name, window.nbytes)
 
 
 def _expect_end(conn: socket.socket) -> None:

@@ -8,10 +8,11 @@ changed one travels as a sparse delta (int64 indices + new values) or raw, which
 Receiver side: ``WeightReceiver`` stages a push into buffers of its own and verifies all of it
 (order, sizes, names, shapes, dtypes, checksums, finite values, version/base) before ``finish``
 hands back the complete new tensors. It never touches the live model, so a failed push leaves the
-serving version untouched; the engine swaps the staged tensors in. The bytes arrive as chunks on
-the stream (``feed``) or, for a TCP push, written straight into the staging buffers by the side
-channel (``side_channel_buffers`` + ``advance``, see ``weight_channel``); either way a RAW
-tensor is hashed and finite-checked piece by piece as it arrives, while the bytes are in cache.
+serving version untouched; the engine swaps the staged tensors in (``swap_in``: the live tensors
+take over the staged memory where they can, no copy). The bytes arrive as chunks on the stream
+(``feed``) or, for a TCP push, written straight into the staging buffers by the side channel
+(``side_channel_buffers`` + ``advance``, see ``weight_channel``); either way a RAW tensor is
+hashed and finite-checked piece by piece as it arrives, in one pass while the bytes are in cache.
 
 No grpc import here: failures are ``WeightPushError`` carrying a metric label (``reason``) and the
 name of the gRPC status code (``status``) that the servicer maps.
@@ -72,14 +73,15 @@ _TO_PROTO = {
 _FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
 # Integer views with the same element size: comparing them compares bits (NaN-safe, -0.0 != 0.0).
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# Float dtype -> (integer view, mask dropping the sign bit, bits of +Inf: exponent all ones).
+# Float dtype -> (signed and unsigned integer views, bits of +Inf and of -Inf: exponent all ones).
 _NON_FINITE = {
-    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
-    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
-    torch.float32: (torch.int32, 0x7FFF_FFFF, 0x7F80_0000),
-    torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    torch.float16: (np.int16, np.uint16, 0x7C00, 0xFC00),
+    torch.bfloat16: (np.int16, np.uint16, 0x7F80, 0xFF80),
+    torch.float32: (np.int32, np.uint32, 0x7F80_0000, 0xFF80_0000),
+    torch.float64: (np.int64, np.uint64, 0x7FF0_0000_0000_0000, 0xFFF0_0000_0000_0000),
 }
-_FINITE_BLOCK = 1 << 18  # elements per pass of the finite check: stays in cache
+# Bytes verified at a time: hashed, then finite-checked while they are still in L2 (1 MiB here).
+_VERIFY_BLOCK = 1 << 19
 
 # Failure reason (metric label) -> gRPC status code name.
 REASON_STATUS = {
@@ -157,7 +159,7 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     numel = 1
     for dim in shape:
         numel *= dim
-    return numel * torch.empty((), dtype=dtype).element_size()
+    return numel * dtype.itemsize
 
 
 # --- sender -----------------------------------------------------------------------------------
@@ -396,6 +398,10 @@ class StagedWeights:
     base_version: int = 0
     pusher: str = ""
     started_at: float = field(default_factory=time.monotonic)
+    # The tensors sit in memory of this push alone (staging buffers, decoded copies), so ``swap_in``
+    # may hand that memory to the model instead of copying it. False for a URI push: safetensors
+    # may map the file, which must not end up backing the live weights.
+    owned: bool = False
 
     def check_applies_to(self, current_version: int) -> None:
         """Re-checks, at swap time, that this push still applies to what is serving (another push may
@@ -415,6 +421,52 @@ def check_version(version: int, is_delta: bool, base_version: int, current_versi
             f"delta against base_version {base_version}, but version {current_version} is serving: "
             "send a full push or a delta against it",
         )
+
+
+def swap_in(live: Mapping[str, torch.Tensor], staged: StagedWeights, *, take_over: bool = True) -> int:
+    """Puts a verified push's tensors into the ``live`` tensors: the very objects the model reads
+    (its Parameters and buffers), by name. Call it between batches, after every check passed.
+
+    A live tensor that is alone on its whole contiguous CPU storage takes over the staged tensor's
+    memory (``.data =``, no copy: the staged buffer becomes the live one, and the old storage is
+    freed, or returns to the StagingPool, once nothing else holds it). Anything else is copied into
+    in place: a GPU tensor, a view into a larger storage (fused weights), a storage that another
+    live tensor object shares, a push whose memory is not its own, everything when ``take_over``
+    is False (``live`` holds stand-ins sharing the model's storage, not the model's own tensors).
+    Either way every holder of a live tensor object sees the new values. Returns the bytes copied."""
+    owners: dict[int, set[int]] = {}  # storage -> the live tensor objects on it
+    for tensor in live.values():
+        owners.setdefault(_storage_ptr(tensor), set()).add(id(tensor))
+    alone = {id(t) for t in live.values() if len(owners[_storage_ptr(t)]) == 1}  # before any swap
+    copied = 0
+    with torch.no_grad():
+        for name, tensor in staged.tensors.items():
+            target = live[name]
+            if take_over and staged.owned and id(target) in alone and _can_take_over(target, tensor):
+                target.data = tensor
+            else:
+                target.copy_(tensor)
+                copied += tensor.numel() * tensor.element_size()
+    return copied
+
+
+def _storage_ptr(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr() if tensor.device.type == "cpu" else -1
+
+
+def _can_take_over(target: torch.Tensor, tensor: torch.Tensor) -> bool:
+    nbytes = target.numel() * target.element_size()
+    return (
+        target.device.type == "cpu"
+        and tensor.device.type == "cpu"
+        and target.dtype == tensor.dtype
+        and target.shape == tensor.shape
+        and target.is_contiguous()
+        and tensor.is_contiguous()
+        and target.storage_offset() == 0
+        and target.untyped_storage().nbytes() == nbytes
+        and nbytes > 0
+    )
 
 
 @dataclass
@@ -664,9 +716,14 @@ class WeightReceiver:
         end = slot.received - slot.received % itemsize
         if end > slot.checked:
             piece = slot.buffer[slot.checked : end]
-            slot.hasher.update(piece)
-            if slot.dtype.is_floating_point and not _all_finite(torch.frombuffer(piece, dtype=slot.dtype)):
-                raise WeightPushError("non_finite", f"{slot.spec.name}: contains NaN or Inf")
+            floats = _NON_FINITE.get(slot.dtype)
+            bits = np.frombuffer(piece, dtype=floats[0]) if floats else None
+            for start in range(0, piece.nbytes, _VERIFY_BLOCK):  # one pass over memory, not two
+                slot.hasher.update(piece[start : start + _VERIFY_BLOCK])
+                if bits is not None and not _finite_bits(
+                    bits[start // itemsize : (start + _VERIFY_BLOCK) // itemsize], slot.dtype
+                ):
+                    raise WeightPushError("non_finite", f"{slot.spec.name}: contains NaN or Inf")
             slot.checked = end
         if slot.checked == slot.spec.encoded_nbytes:
             _compare_checksum(slot.spec.name, slot.hasher.hexdigest(), slot.spec.checksum)
@@ -711,6 +768,7 @@ class WeightReceiver:
             base_version=manifest.base_version if kind == DELTA else 0,
             pusher=manifest.pusher,
             started_at=self.started_at,
+            owned=manifest.transport != common_pb2.WEIGHT_TRANSPORT_URI,
         )
 
     def _finish_uri(
@@ -810,7 +868,7 @@ def _check_encoding(
     spec: common_pb2.TensorSpec, kind: int, shape: tuple[int, ...], dtype: torch.dtype
 ) -> None:
     nbytes = _nbytes(shape, dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if spec.encoding in (RAW, 0):
         if spec.encoded_nbytes != nbytes:
             raise WeightPushError(
@@ -865,15 +923,22 @@ def _compare_checksum(name: str, actual: str, expected: str) -> None:
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """Exact: a float is NaN or Inf iff its exponent bits are all ones, i.e. iff its bits without
-    the sign are >= those of +Inf. Done in numpy, single-threaded, a cache-sized block at a time
-    (~15 GB/s): torch's reductions fan out to OpenMP threads, which crawl (~0.3 GB/s) when the
-    cores are oversubscribed, as they are on a busy 2-core server."""
-    view, magnitude, inf = _NON_FINITE[tensor.dtype]
-    bits = tensor.detach().to("cpu").contiguous().reshape(-1).view(view).numpy()
-    scratch = np.empty(min(bits.size, _FINITE_BLOCK), dtype=bits.dtype)
-    for start in range(0, bits.size, _FINITE_BLOCK):
-        block = bits[start : start + _FINITE_BLOCK]
-        if np.bitwise_and(block, magnitude, out=scratch[: block.size]).max() >= inf:
-            return False
-    return True
+    """Exact NaN/Inf check of a float tensor, in numpy, single-threaded, a cache-sized block at a
+    time: torch's reductions fan out to OpenMP threads, which crawl (~0.3 GB/s) when the cores
+    are oversubscribed, as they are on a busy 2-core server."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    bits = flat.view(_BITS[flat.element_size()]).numpy()
+    step = _VERIFY_BLOCK // flat.element_size()
+    return all(_finite_bits(bits[start : start + step], tensor.dtype) for start in range(0, bits.size, step))
+
+
+def _finite_bits(bits: np.ndarray, dtype: torch.dtype) -> bool:
+    """Whether the floats whose bits ``bits`` (signed integers) holds are all finite. A float is NaN
+    or Inf iff its exponent bits are all ones. With the sign bit clear its bits, read as a signed
+    integer, are then >= those of +Inf (and every negative float is a negative integer); with the
+    sign set, read as unsigned, they are >= those of -Inf (and every positive float is below
+    2**(n-1)). So two read-only max reductions (~25 GB/s), no masking pass, no scratch."""
+    if not bits.size:
+        return True
+    _, unsigned, inf, neg_inf = _NON_FINITE[dtype]
+    return bool(bits.max() < inf) and bool(bits.view(unsigned).max() < neg_inf)

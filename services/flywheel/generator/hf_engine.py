@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from flywheel.common.tiny_models import resolve_model
-from flywheel.common.weights import StagedWeights
+from flywheel.common.weights import StagedWeights, swap_in
 from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.decode import Sequence, sample_rows
 from flywheel.generator.engine import (
@@ -52,6 +52,7 @@ class TransformersEngine(QueuedEngine):
         self.model: Any = None
         self.tokenizer: Any = None
         self._weights: dict[str, torch.Tensor] = {}
+        self._live: dict[str, torch.Tensor] | None = None
         self._version = 0
         self._metadata: dict[str, str] = {}
         self._last_push: datetime | None = None
@@ -71,16 +72,20 @@ class TransformersEngine(QueuedEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[self.config.dtype])
         self.model = model.to(self.config.device).eval()
-        # Live tensors by checkpoint name; a push copies into them in place (same storage the
-        # forward pass reads, also after LoRA wrapping, which keeps the base modules).
+        # Live tensors by checkpoint name: the model's own Parameters and buffers (the same objects
+        # also after LoRA wrapping, which keeps the base modules), so a push can hand its staged
+        # memory to them (``swap_in``); ``_weights`` is their detached view, refreshed per push.
         self._weights = dict(self.model.state_dict())
+        self._live = _model_tensors(self.model, self._weights)
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos_ids = {int(e) for e in eos if e is not None} | {int(self.tokenizer.eos_token_id)}
         self._adapters = LoraAdapters(self.model)
         self._thread = threading.Thread(target=self._loop, name="generator-batcher", daemon=True)
         self._thread.start()
-        log.info("transformers engine: %s (%s on %s)", self.config.model, self.config.dtype, self.config.device)
+        log.info(
+            "transformers engine: %s (%s on %s)", self.config.model, self.config.dtype, self.config.device
+        )
 
     def close(self) -> None:
         with self._cond:
@@ -246,10 +251,11 @@ class TransformersEngine(QueuedEngine):
             if staged.kind == "lora":
                 assert self._adapters is not None and staged.lora is not None
                 self.model = self._adapters.load(staged.lora, staged.tensors)
+            elif self._live is None:  # a state dict that is not the model's own tensors: copy into it
+                swap_in(self._weights, staged, take_over=False)
             else:
-                with torch.no_grad():
-                    for name, tensor in staged.tensors.items():
-                        self._weights[name].copy_(tensor, non_blocking=False)
+                swap_in(self._live, staged)
+                self._weights = {name: tensor.detach() for name, tensor in self._live.items()}
             self._version = staged.version
             self._metadata = dict(staged.metadata)
             self._last_push = datetime.now(timezone.utc)
@@ -267,3 +273,16 @@ class TransformersEngine(QueuedEngine):
             metadata=dict(self._metadata),
         )
 
+
+def _model_tensors(model: Any, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The Parameter or buffer behind each state-dict entry, or None when some entry is not simply
+    one of them (a state-dict hook reshaped or renamed it): then pushes copy into the state dict."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    live: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        own = named.get(name)
+        if own is None or own.shape != tensor.shape or own.data_ptr() != tensor.data_ptr():
+            return None
+        live[name] = own
+    return live

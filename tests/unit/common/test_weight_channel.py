@@ -141,6 +141,7 @@ def _corrupted(plan: w.PushPlan) -> list[bytes | memoryview]:
     ("extra_bytes", "too_large", "RESOURCE_EXHAUSTED"),
     ("checksum", "checksum_mismatch", "DATA_LOSS"),
     ("non_finite", "non_finite", "INVALID_ARGUMENT"),
+    ("non_finite_late", "non_finite", "INVALID_ARGUMENT"),
 ])  # fmt: skip
 def test_bad_side_channel_bytes_fail_the_push_and_close_the_listener(
     case: str, reason: str, status: str
@@ -148,6 +149,8 @@ def test_bad_side_channel_bytes_fail_the_push_and_close_the_listener(
     current, new = _state(0), _state(1)
     if case == "non_finite":  # checksummed with the NaN in it: only the finite check catches it
         new["big.weight"].view(-1)[100] = float("nan")
+    if case == "non_finite_late":  # in the tensor's last window and verify block, sign set
+        new["big.weight"].view(-1)[-3] = float("-inf")
     plan = w.encode_push(new, 1)
     payloads: list[bytes | memoryview] = [p for _, p in plan.payloads]
     pusher = {
@@ -156,6 +159,7 @@ def test_bad_side_channel_bytes_fail_the_push_and_close_the_listener(
         "extra_bytes": _sender([*payloads, b"tail"]),
         "checksum": _sender(_corrupted(plan)),
         "non_finite": _sender(payloads),
+        "non_finite_late": _sender(payloads),
     }[case]
     context = FakeContext(pusher)
     with pytest.raises(w.WeightPushError) as err:
@@ -275,3 +279,12 @@ def test_finite_check_is_exact_for_every_16_bit_pattern() -> None:
         assert w._all_finite(t)
         for bad in (float("nan"), float("inf"), float("-inf")):
             assert not w._all_finite(torch.cat([t, torch.tensor([bad], dtype=dtype)]))
+    # Edges of the two ranges, as bits: signed view for the positive half, unsigned for the negative.
+    bits = {torch.float32: (torch.int32, 32, 23), torch.float64: (torch.int64, 64, 52)}
+    for dtype, (view, width, mantissa) in bits.items():
+        inf = ((1 << (width - 1 - mantissa)) - 1) << mantissa  # +Inf: exponent all ones
+        sign = 1 << (width - 1)
+        patterns = [inf - 1, sign | (inf - 1), sign, 0, inf, inf + 1, sign - 1, sign | inf, (1 << width) - 1]
+        signed = torch.tensor([p - (1 << width) if p >= sign else p for p in patterns], dtype=view)
+        got = [w._all_finite(signed[i : i + 1].view(dtype)) for i in range(len(patterns))]
+        assert got == [True] * 4 + [False] * 5, dtype

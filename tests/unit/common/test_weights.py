@@ -229,3 +229,41 @@ def test_sparse_indices_out_of_range_are_rejected() -> None:
     with pytest.raises(w.WeightPushError) as err:
         _receive(base, iter(msgs))
     assert err.value.reason == "malformed"
+
+
+def test_swap_in_hands_staged_memory_to_whole_tensors_and_copies_into_shared_ones() -> None:
+    fused = torch.zeros(2, 16)  # two live names are views of one storage (a fused weight)
+    tied = torch.nn.Parameter(torch.zeros(64, 16))  # one Parameter under two names
+    alias = torch.zeros(16)
+    live = {
+        "embed.weight": tied, "head.weight": tied, "layer.weight": torch.zeros(16, 16, dtype=torch.bfloat16),
+        "layer.bias": alias, "layer.bias_alias": alias.view(16), "fused.a": fused[0], "fused.b": fused[1],
+        "empty": torch.empty(0, 4),
+    }  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    new = {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in live.items()}
+    new["head.weight"] = new["embed.weight"]  # tied on the pushing side too
+    new["layer.bias_alias"] = new["layer.bias"]
+    objects = dict(live)
+    staged = _receive(dict(live), w.iter_push_messages(new, 2))
+    copied = w.swap_in(live, staged)
+    for name, tensor in new.items():
+        assert live[name] is objects[name] and _same(live[name], tensor), name
+    # Whole storage, one tensor object on it: no copy (tied: the last name wins, as with copy_).
+    assert live["layer.weight"].data_ptr() == staged.tensors["layer.weight"].data_ptr()
+    assert tied.data_ptr() == staged.tensors["head.weight"].data_ptr()
+    assert tied.requires_grad and isinstance(tied, torch.nn.Parameter)
+    assert fused.data_ptr() == live["fused.a"].data_ptr() and _same(fused[1], new["fused.b"])
+    assert live["layer.bias"].data_ptr() == live["layer.bias_alias"].data_ptr()  # still one storage
+    assert copied == 4 * (16 + 16 + 2 * 16)  # both alias names, both fused halves
+
+
+def test_swap_in_copies_when_the_memory_is_not_the_pushs_own_or_take_over_is_off(tmp_path: Path) -> None:
+    new = {k: v for k, v in _state(1).items() if v.numel()}
+    save_file(new, str(tmp_path / "w.safetensors"))
+    from_file = w.iter_uri_push_messages(str(tmp_path / "w.safetensors"), 2, state=new)  # maybe mapped
+    for take_over, messages in ((True, from_file), (False, w.iter_push_messages(new, 2))):
+        live = {k: v.clone() for k, v in _state(0).items() if v.numel()}
+        pointers = {k: v.data_ptr() for k, v in live.items()}
+        w.swap_in(live, _receive(dict(live), messages), take_over=take_over)
+        assert all(_same(live[k], new[k]) and live[k].data_ptr() == pointers[k] for k in new)
