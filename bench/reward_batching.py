@@ -63,9 +63,8 @@ class Run:
 
 
 # --- the reward server, as its own process ------------------------------------------------------
-def _start_server(model: str, max_batch_size: int, data_dir: Path, token: str, log: IO[bytes]) -> tuple[
-    subprocess.Popen[bytes], int, int
-]:
+def _start_server(model: str, max_batch_size: int, data_dir: Path, token: str, log: IO[bytes],
+                  device: str = "cpu") -> tuple[subprocess.Popen[bytes], int, int]:
     """Starts ``flywheel serve reward`` on free ports; (process, gRPC port, metrics port)."""
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") or k == "FLYWHEEL_CACHE_DIR"}
@@ -73,6 +72,7 @@ def _start_server(model: str, max_batch_size: int, data_dir: Path, token: str, l
         "PORT": port, "METRICS_PORT": metrics_port, "MODEL": model, "MAX_BATCH_SIZE": max_batch_size,
         "MAX_WAIT_MS": MAX_WAIT_MS, "TORCH_THREADS": TORCH_THREADS, "MAX_LENGTH_TOKENS": MAX_LENGTH_TOKENS,
         "MAX_WORKERS": CALLERS + 4, "INTERNAL_TOKEN": token, "DATA_DIR": data_dir, "LOG_LEVEL": "WARNING",
+        "DEVICE": device,
     }  # fmt: skip
     env.update({f"FLYWHEEL_REWARD_{k}": str(v) for k, v in settings.items()})
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve", "reward"], env=env, stdout=log,
@@ -81,7 +81,8 @@ def _start_server(model: str, max_batch_size: int, data_dir: Path, token: str, l
 
 
 @contextmanager
-def reward_server(model: str, max_batch_size: int, data_dir: Path, token: str) -> Iterator[tuple[str, str]]:
+def reward_server(model: str, max_batch_size: int, data_dir: Path, token: str,
+                  device: str = "cpu") -> Iterator[tuple[str, str]]:
     """Runs ``flywheel serve reward`` until the block exits (SIGTERM, then wait); yields the gRPC
     address and the /metrics URL. A free port can be taken by another process before the server
     binds it (this machine is shared): then it starts again on new ports, a few times at most."""
@@ -90,7 +91,7 @@ def reward_server(model: str, max_batch_size: int, data_dir: Path, token: str) -
         proc: subprocess.Popen[bytes] | None = None
         try:
             for attempt in range(3):
-                proc, port, metrics_port = _start_server(model, max_batch_size, data_dir, token, log)
+                proc, port, metrics_port = _start_server(model, max_batch_size, data_dir, token, log, device)
                 address = f"127.0.0.1:{port}"
                 try:
                     wait_serving(address, timeout=180.0, alive=lambda p=proc: p.poll() is None)
@@ -172,7 +173,7 @@ def measure(address: str, metrics_url: str, token: str, seconds: float) -> Run:
 
 
 # --- the model's own ceiling --------------------------------------------------------------------
-def model_ceiling(model: str, repeats: int) -> tuple[float, float, float]:
+def model_ceiling(model: str, repeats: int, device: str = "cpu") -> tuple[float, float, float]:
     """(ceiling, batch-1 seconds, batch-CALLERS seconds): direct forward calls on the same model,
     alternated; the ceiling is the median of each adjacent pair's CALLERS x t(1) / t(CALLERS), so a
     burst of load from other processes skews one pair, not the ratio."""
@@ -180,10 +181,11 @@ def model_ceiling(model: str, repeats: int) -> tuple[float, float, float]:
 
     from flywheel.reward.model_scorer import RewardModel
 
-    rm = RewardModel(model, "cpu", "float32", MAX_LENGTH_TOKENS, TORCH_THREADS)
+    rm = RewardModel(model, device, "float32", MAX_LENGTH_TOKENS, TORCH_THREADS)
     rm.load()
     pairs = [(s.samples[0].prompt, s.samples[0].completion) for s in score_requests(CALLERS)]
-    one, full = rm._encode(pairs[:1]), rm._encode(pairs)
+    one, full = ({k: v.to(device) for k, v in rm._encode(b).items()} for b in (pairs[:1], pairs))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t1: list[float] = []
     t32: list[float] = []
     with torch.inference_mode():
@@ -191,6 +193,7 @@ def model_ceiling(model: str, repeats: int) -> tuple[float, float, float]:
             for times, batch in ((t1, one), (t32, full)):
                 t0 = time.perf_counter()
                 rm._model(**batch)
+                sync()  # a CUDA forward returns before it has run
                 if i >= 3:  # the first rounds warm up
                     times.append(time.perf_counter() - t0)
     ratios = [CALLERS * a / b for a, b in zip(t1, t32, strict=True)]
@@ -215,6 +218,7 @@ def _mode_row(label: str, runs: list[Run], seconds: float) -> tuple[str, str, st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs: finishes in about a minute")
+    parser.add_argument("--device", default="cpu", help="where the reward model runs: cpu, cuda or cuda:N")
     parser.add_argument("--model", default="tiny://reward",
                         help="reward model: tiny://reward (the service default), 'large' (hidden 256, "
                              "4 layers), or a hub id / path")  # fmt: skip
@@ -222,12 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     seconds, repeats = (6.0, 3) if args.quick else (15.0, 5)
     model = _model_id(args.model)
     load_before = os.getloadavg()
-    ceiling, t1, t32 = model_ceiling(model, 30 if args.quick else 100)
+    ceiling, t1, t32 = model_ceiling(model, 30 if args.quick else 100, args.device)
     token = new_secret()
     runs: dict[int, list[Run]] = {CALLERS: [], 1: []}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         # Both servers stay up (an idle one costs nothing); runs alternate, baseline first.
-        servers = {n: stack.enter_context(reward_server(model, n, Path(tmp), token)) for n in (1, CALLERS)}
+        servers = {n: stack.enter_context(reward_server(model, n, Path(tmp), token, args.device))
+                   for n in (1, CALLERS)}
         for _ in range(repeats):
             for n in (1, CALLERS):
                 runs[n].append(measure(*servers[n], token, seconds))
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         ("model ceiling", f"{ceiling:.2f}x",
          f"direct forward (no gRPC, no tokenizer): batch 1 {1000 * t1:.2f} ms, "
          f"batch {CALLERS} {1000 * t32:.2f} ms; the service reaches {ours / baseline / ceiling:.0%} of it"),
-        ("setup", args.model,
+        ("setup", f"{args.model} on {args.device}",
          f"max_wait_ms={MAX_WAIT_MS:g}, torch_threads={TORCH_THREADS}, {os.cpu_count()} CPUs, "
          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"),
     ]  # fmt: skip
