@@ -8,10 +8,15 @@ than two phases fighting for the same two cores (in production they are on separ
 
 Budget: the same number of PPO steps (64 samples, 1 epoch) for both modes, after a warm-up step that is
 not timed; samples/s = samples trained / wall seconds of the timed steps. Each mode gets fresh
-servers (version 0, same SFT weights, same seeds); the full run goes sync, async, async, sync so load
-drifts hit both. Final reward: mean VADER reward of the served
-policy on held-out prompts (fixed seed), and the pre-RL value as a reference. Target: async >= 1.5x
-samples/s with a final reward no worse than sync (within the noise of the eval).
+servers (version 0, same SFT weights); every seed runs both modes, alternating which goes first (sync,
+async, async, sync, ...) so load drifts hit both. Several seeds, because one RL run is a noisy sample
+of its outcome: async's trajectory also depends on timing (a push can land between the generator's
+internal batches of one request, so some samples come from the newer version), and at this learning
+rate single runs of either mode end anywhere in a wide band. Final reward: mean VADER reward of the
+served policy on held-out prompts (fixed seed per run seed), and the pre-RL value as a reference;
+reported per mode as the mean over seeds, with the mean paired difference (async - sync, same seed)
+and its standard error. Target: async >= 1.5x samples/s with a final reward no worse than sync
+(within the noise of the eval).
 
     python -m bench.async_vs_sync [--quick]
 """
@@ -22,6 +27,7 @@ import atexit
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,7 +87,7 @@ def _eval_prompts() -> list[PromptItem]:
     return [PromptItem(f"eval-{i}", text=t) for i, t in enumerate(builtin_sentiment_prompts()[1::2][:EVAL_PROMPTS])]
 
 
-def run_mode(mode: str, steps: int, model: str, common: dict[str, Any], tmp: Path) -> dict[str, float]:
+def run_mode(mode: str, steps: int, model: str, common: dict[str, Any], tmp: Path, seed: int = 0) -> dict[str, float]:
     """Fresh generator + reward, a learner in ``mode``; times ``steps`` steps after a warm-up one."""
     connect(common["redis_url"]).flushdb()
     generator, gen_address = _serve("generator", {**common, "model": model}, tmp)
@@ -89,11 +95,12 @@ def run_mode(mode: str, steps: int, model: str, common: dict[str, Any], tmp: Pat
     try:
         config = LearnerConfig(
             **common, policy_model=model, generator_targets=(gen_address,), reward_target=reward_address,
-            checkpoint_dir=str(tmp / f"ckpt-{mode}"), run_dir=str(tmp / f"run-{mode}"), prompts_file="builtin://sentiment",
+            checkpoint_dir=str(tmp / f"ckpt-{mode}-{seed}"), run_dir=str(tmp / f"run-{mode}-{seed}"),
+            prompts_file="builtin://sentiment",
             prompts_per_step=16, samples_per_prompt=4, minibatch_size=32, ppo_epochs=1, max_new_tokens=32,
-            learning_rate=1e-3, init_kl_coef=0.02, checkpoint_every=0, mode=mode, max_policy_lag=1, seed=0,
+            learning_rate=1e-3, init_kl_coef=0.02, checkpoint_every=0, mode=mode, max_policy_lag=1, seed=seed,
         )
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         learner = Learner(config, LearnerMetrics(CollectorRegistry()), connect(common["redis_url"]))
         learner.load()
         learner.rollouts = GrpcRollouts(config, threading.Event(), learner.on_wait)
@@ -134,9 +141,11 @@ def _combine(runs: list[dict[str, float]]) -> dict[str, float]:
 def main() -> None:
     args = parse(__doc__ or "")
     # --quick keeps the budget (50 steps: over the first ~20 the two policies' completion lengths,
-    # hence the work per sample, differ most) and drops the ABBA repeat.
+    # hence the work per sample, differ most) and runs fewer seeds.
     steps = 50
-    order = ("sync", "async") if args.quick else ("sync", "async", "async", "sync")  # ABBA: drifts hit both
+    seeds = (0, 1) if args.quick else (0, 1, 2, 3, 4, 5)
+    order = [(mode, seed) for i, seed in enumerate(seeds)
+             for mode in (("sync", "async") if i % 2 == 0 else ("async", "sync"))]  # ABBA: drifts hit both
     os.sched_setaffinity(0, {LEARNER_CORE})
     torch.set_num_threads(1)
     load_start = os.getloadavg()
@@ -145,16 +154,21 @@ def main() -> None:
     atexit.register(shutil.rmtree, tmp, True)  # checkpoints and snapshots: nothing left in /tmp
     with EmbeddedRedis(tmp / "redis") as redis_server:
         common = dict(internal_token=new_secret(), redis_url=redis_server.url, data_dir=str(tmp), grace_seconds=1.0)
-        runs = [(mode, run_mode(mode, steps, model, common, tmp)) for mode in order]
+        runs = [(mode, seed, run_mode(mode, steps, model, common, tmp, seed)) for mode, seed in order]
     load_end = os.getloadavg()
-    sync, asy = (_combine([r for m, r in runs if m == mode]) for mode in ("sync", "async"))
+    sync, asy = (_combine([r for m, _, r in runs if m == mode]) for mode in ("sync", "async"))
+    final = {(m, seed): r["eval_reward"] for m, seed, r in runs}
+    diffs = [final["async", seed] - final["sync", seed] for seed in seeds]
+    diff_mean = statistics.mean(diffs)
+    diff_se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
     ratio = asy["samples_per_second"] / sync["samples_per_second"]
     table = Table(title="async_vs_sync")
     for column in ("measure", "sync", "async", "note"):
         table.add_column(column)
     rows = [
         ("samples/s", "samples_per_second", ".2f",
-         f"{steps} timed steps x 64 samples after 1 warm-up, x{len(order) // 2} runs (order {'/'.join(order)})"),
+         f"{steps} timed steps x 64 samples after 1 warm-up, seeds {list(seeds)} "
+         f"(order {'/'.join(f'{m}{seed}' for m, seed in order)})"),
         ("wall seconds", "seconds", ".1f", ""),
         ("completion tokens / sample", "tokens_per_sample", ".2f",
          "what each mode's policy generates: more tokens = more work per sample"),
@@ -165,11 +179,14 @@ def main() -> None:
         ("rollout generate (s/batch)", "rollout_generate", ".3f", "async rollout thread; services on core 1"),
         ("sample staleness (versions, mean)", "staleness_mean", ".2f", "max_policy_lag=1, drop"),
         ("eval reward pre-RL", "eval_reward_before", "+.3f", f"{EVAL_PROMPTS} held-out prompts x 4, fixed seed"),
-        ("eval reward final", "eval_reward", "+.3f", "VADER compound in [-1, 1]"),
+        ("eval reward final (mean)", "eval_reward", "+.3f", "VADER compound in [-1, 1]"),
         ("eval KL to reference", "eval_kl", ".3f", ""),
     ]
     for label, key, fmt, note in rows:
         table.add_row(label, format(sync[key], fmt), format(asy[key], fmt), note)
+    table.add_row("eval reward final, per seed", " ".join(f"{final['sync', s]:+.2f}" for s in seeds),
+                  " ".join(f"{final['async', s]:+.2f}" for s in seeds),
+                  f"async - sync, paired by seed: {diff_mean:+.3f} (standard error {diff_se:.3f})")
     Console().print(table)
     print(f"load average (1/5/15 min): start {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f}, "
           f"end {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f} on {os.cpu_count()} cores "
@@ -177,7 +194,8 @@ def main() -> None:
     summary = {"name": "async_vs_sync", "ours": round(asy["samples_per_second"], 3),
                "baseline": round(sync["samples_per_second"], 3), "ratio": round(ratio, 3), "target": 1.5,
                "unit": "samples/s, async / sync (same steps)", "final_reward_async": round(asy["eval_reward"], 4),
-               "final_reward_sync": round(sync["eval_reward"], 4),
+               "final_reward_sync": round(sync["eval_reward"], 4), "final_reward_diff": round(diff_mean, 4),
+               "final_reward_diff_se": round(diff_se, 4), "seeds": len(seeds),
                "tokens_per_s_ratio": round(asy["tokens_per_second"] / sync["tokens_per_second"], 3)}
     print(json.dumps(summary), flush=True)
 
