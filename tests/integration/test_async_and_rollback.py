@@ -139,6 +139,32 @@ def test_rollback_restores_an_earlier_version_bit_for_bit_as_a_new_version(
     assert learner.status().policy_version == 5 and metrics["push_replicas_ok"] == 1.0
 
 
+def test_async_rollback_waits_for_the_push_in_flight_and_discards_prefetched_samples(
+    generator: Any, reward: Any, server_config: dict[str, Any], start_server: Any, tiny_llama_path: str,  # noqa: F811
+    internal_token: str, redis_client: Any,
+) -> None:
+    config = learner_config(server_config, tiny_llama_path, f"127.0.0.1:{generator.port}",
+                            f"127.0.0.1:{reward.port}", mode="async", delta_push=True)
+    learner = start_server(build_learner, config).learner
+    learner.run_step()
+    assert learner.wait_for_push() is not None  # version 1 is serving
+    version_1 = _served_weights(generator)
+    learner.run_step()
+    learner.run_step()  # returns with version 3's push handed to the push thread
+    new_version, restored = learner.rollback_policy(1)
+    # The rollback's version landed after version 3's: it is 4, the generator serves it, bit for bit v1.
+    assert (new_version, restored) == (4, 1)
+    assert _generator_policy(generator.port, internal_token) == 4
+    _assert_bit_equal(_served_weights(generator), version_1)
+    entries = {e.version: e for e in learner.publisher.registry.entries()}
+    assert entries[3].parent_version == 2 and (entries[4].parent_version, entries[4].restored_from) == (3, 1)
+    # The next step trains only on samples of the restored policy: the prefetched batch was discarded.
+    learner.run_step()
+    assert learner.status().policy_version == 5
+    last = learner.async_rollouts.history[-1]
+    assert last.training_version == 4 and set(last.sample_versions) == {4}, last
+
+
 def test_guard_rolls_back_on_a_kl_violation(
     generator: Any, reward: Any, server_config: dict[str, Any], start_server: Any, tiny_llama_path: str,  # noqa: F811
     internal_token: str, redis_client: Any,
