@@ -38,11 +38,13 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_serve_drains_and_exits_zero_on_sigterm(tmp_path: Path, internal_token: str) -> None:
+@pytest.mark.parametrize("service", ["feedback", "reward"])  # the thread-pool server and the asyncio one
+def test_serve_drains_and_exits_zero_on_sigterm(service: str, tmp_path: Path, internal_token: str) -> None:
     port = free_port()
-    env = _env(tmp_path, FLYWHEEL_FEEDBACK_PORT=str(port), FLYWHEEL_FEEDBACK_METRICS_PORT="0",
+    prefix = f"FLYWHEEL_{service.upper()}_"
+    env = _env(tmp_path, **{f"{prefix}PORT": str(port), f"{prefix}METRICS_PORT": "0"},
                FLYWHEEL_INTERNAL_TOKEN=internal_token)
-    proc = subprocess.Popen([*CLI, "serve", "feedback"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*CLI, "serve", service], env=env, stderr=subprocess.PIPE, text=True)
     try:
         wait_serving(f"127.0.0.1:{port}", timeout=120, alive=lambda: proc.poll() is None)
         proc.send_signal(signal.SIGTERM)

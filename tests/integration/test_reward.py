@@ -213,3 +213,41 @@ def test_concurrent_callers_all_get_their_own_scores(
     for t in threads:
         t.join(120)
     assert not errors
+
+
+def test_deadline_passed_in_the_queue_is_deadline_exceeded_and_dropped(
+    start_server: Callable[..., Any], server_config: dict[str, Any], tiny_reward_path: str, api_key: str
+) -> None:
+    client = start_reward(start_server, server_config, tiny_reward_path, max_batch_size=3, max_wait_ms=LONG_WAIT_MS)
+    with pytest.raises(grpc.RpcError) as info:  # the batch never fills: only the deadline ends the wait
+        client.stub.Score(request(TEXTS[:1]), metadata=auth(api_key), timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    expired = {"method": "Score", "code": "DEADLINE_EXCEEDED"}
+    wait_until(lambda: client.metric("flywheel_reward_rpc_requests_total", expired) == 1, 30, "the server to see it")
+    pair = client.stub.Score(request(TEXTS[1:]), metadata=auth(api_key), timeout=120)
+    assert len(pair.scores) == 2
+    assert client.metric("flywheel_reward_dropped_samples_total") == 1
+    assert client.metric("flywheel_reward_batch_size_samples_sum") == 2
+
+
+def test_a_blocking_user_rule_does_not_hold_up_other_callers(
+    start_server: Callable[..., Any], server_config: dict[str, Any], tiny_reward_path: str, api_key: str
+) -> None:
+    from tests.unit.reward import sample_rules
+
+    gated = {"name": "g", "kind": "rule", "params": {"function": "tests.unit.reward.sample_rules:gated"}}
+    scorers = {**MIX, "gated": [gated]}
+    client = start_reward(start_server, server_config, tiny_reward_path, scorers=scorers, max_wait_ms=1.0)
+    sample_rules.GATE.clear()
+    sample_rules.ENTERED.clear()
+    held = client.stub.Score.future(request(TEXTS[:1], scorer="gated"), metadata=auth(api_key), timeout=120)
+    try:
+        assert sample_rules.ENTERED.wait(30)
+        # The rule is blocked inside the server; the event loop still serves everyone else.
+        for scorer in ("", "rules_only"):
+            reply = client.stub.Score(request(scorer=scorer), metadata=auth(api_key), timeout=30)
+            assert len(reply.scores) == len(TEXTS)
+        assert not held.done()
+    finally:
+        sample_rules.GATE.set()
+    assert held.result().scores[0].reward == 1.0

@@ -1,7 +1,9 @@
-"""The shared bootstrap, over real sockets: health, reflection, auth, size limits, metrics, drain."""
+"""The shared bootstrap, over real sockets: health, reflection, auth, size limits, metrics, drain,
+for both servers: the thread-pool ``ServiceServer`` and the asyncio ``AioServiceServer``."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import urllib.request
 from typing import Any
@@ -14,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from flywheel.common.auth import current_client
 from flywheel.common.config import ServerConfig
-from flywheel.common.server import ServiceServer
+from flywheel.common.server import AioServiceServer, ServiceServer
 from flywheel.services import SERVICES
 from flywheel.v1 import learner_pb2, learner_pb2_grpc
 from tests.conftest import auth
@@ -100,11 +102,29 @@ class BlockingLearner(learner_pb2_grpc.LearnerServiceServicer):
         return learner_pb2.GetStatusResponse(status=learner_pb2.LearnerStatus(step=7, run_dir=current_client()))
 
 
-@pytest.fixture
-def plumbing(server_config: dict[str, Any]) -> Any:
+class AsyncBlockingLearner(learner_pb2_grpc.LearnerServiceServicer):
+    """BlockingLearner for the asyncio server: its handlers are coroutines."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    async def GetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.entered.set()
+        await asyncio.to_thread(self.release.wait, 30)
+        return learner_pb2.GetStatusResponse(status=learner_pb2.LearnerStatus(step=7, run_dir=current_client()))
+
+    async def Pause(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Pause is not implemented here")
+
+
+@pytest.fixture(params=["threads", "asyncio"])
+def plumbing(request: pytest.FixtureRequest, server_config: dict[str, Any]) -> Any:
     config = ServerConfig(**{**server_config, "max_message_bytes": 4096, "grace_seconds": 30})
-    server = ServiceServer("learner", config, [LEARNER], internal_methods=[f"/{LEARNER}/Pause"])
-    servicer = BlockingLearner()
+    cls, servicer = (
+        (ServiceServer, BlockingLearner()) if request.param == "threads" else (AioServiceServer, AsyncBlockingLearner())
+    )
+    server = cls("learner", config, [LEARNER], internal_methods=[f"/{LEARNER}/Pause"])
     server.add_servicer(learner_pb2_grpc.add_LearnerServiceServicer_to_server, servicer)
     server.start()
     server.set_ready()

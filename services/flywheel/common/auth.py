@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 
 log = logging.getLogger(__name__)
 
@@ -152,41 +153,115 @@ def _with_principal(handler: grpc.RpcMethodHandler, principal: tuple[Access, str
     return grpc.stream_stream_rpc_method_handler(bind(handler.stream_stream), **serde)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without a known secret (UNAUTHENTICATED) or whose API key does not grant an
-    internal method (PERMISSION_DENIED)."""
+class _Gate:
+    """The decision both interceptors make: pass the handler through untouched (None), refuse it
+    (status code, message) or run it as a principal (access, client)."""
 
     def __init__(self, authenticator: Authenticator, access_of: Callable[[str], Access]) -> None:
         self._auth = authenticator
         self._access_of = access_of
 
-    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        method = handler_call_details.method
-        handler = continuation(handler_call_details)
-        if handler is None or self._auth.disabled or method.startswith(OPEN_PREFIXES):
-            return handler
+    def decide(
+        self, method: str, metadata: Iterable[tuple[str, Any]] | None
+    ) -> tuple[grpc.StatusCode, str] | tuple[Access, str] | None:
+        if self._auth.disabled or method.startswith(OPEN_PREFIXES):
+            return None
         required = self._access_of(method)
         if required is Access.OPEN:
-            return handler
+            return None
         secret = ""
-        for key, value in handler_call_details.invocation_metadata or ():
+        for key, value in metadata or ():
             if key == AUTH_HEADER and isinstance(value, str) and value.startswith("Bearer "):
                 secret = value[len("Bearer ") :].strip()
         if not secret:
-            return _abort_handler(
-                handler,
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{method} needs 'authorization: Bearer <key>' metadata",
-            )
+            return grpc.StatusCode.UNAUTHENTICATED, f"{method} needs 'authorization: Bearer <key>' metadata"
         found = self._auth.principal(secret)
         if found is None:
             log.warning("rejected call to %s: unknown credentials", method)
-            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid API key or token")
-        access, _client = found
-        if required is Access.INTERNAL and access is not Access.INTERNAL:
-            return _abort_handler(
-                handler,
+            return grpc.StatusCode.UNAUTHENTICATED, "invalid API key or token"
+        if required is Access.INTERNAL and found[0] is not Access.INTERNAL:
+            return (
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{method} is internal: it needs the cluster's internal token, not an API key",
             )
-        return _with_principal(handler, found)
+        return found
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without a known secret (UNAUTHENTICATED) or whose API key does not grant an
+    internal method (PERMISSION_DENIED)."""
+
+    def __init__(self, authenticator: Authenticator, access_of: Callable[[str], Access]) -> None:
+        self._gate = _Gate(authenticator, access_of)
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        verdict = self._gate.decide(handler_call_details.method, handler_call_details.invocation_metadata)
+        if verdict is None:
+            return handler
+        if isinstance(verdict[0], grpc.StatusCode):
+            return _abort_handler(handler, verdict[0], verdict[1])
+        return _with_principal(handler, verdict)  # type: ignore[arg-type]
+
+
+def _aio_abort_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """``_abort_handler`` for an asyncio server: the behaviour is a coroutine."""
+
+    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def _aio_with_principal(handler: grpc.RpcMethodHandler, principal: tuple[Access, str]) -> grpc.RpcMethodHandler:
+    """``_with_principal`` for an asyncio server. Each RPC runs in its own task, so the variable
+    set here is seen by the handler and everything it awaits, and by no other RPC."""
+
+    def bind(behaviour: Any) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            _PRINCIPAL.set(principal)
+            return await behaviour(request, context)
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            _PRINCIPAL.set(principal)
+            async for response in behaviour(request, context):
+                yield response
+
+        return streaming if handler.response_streaming else unary
+
+    serde = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(bind(handler.unary_unary), **serde)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(bind(handler.stream_unary), **serde)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(bind(handler.unary_stream), **serde)
+    return grpc.stream_stream_rpc_method_handler(bind(handler.stream_stream), **serde)
+
+
+class AioAuthInterceptor(grpc.aio.ServerInterceptor):
+    """``AuthInterceptor`` for an asyncio server (``grpc.aio``): same rules, same messages."""
+
+    def __init__(self, authenticator: Authenticator, access_of: Callable[[str], Access]) -> None:
+        self._gate = _Gate(authenticator, access_of)
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        verdict = self._gate.decide(handler_call_details.method, handler_call_details.invocation_metadata)
+        if verdict is None:
+            return handler
+        if isinstance(verdict[0], grpc.StatusCode):
+            return _aio_abort_handler(handler, verdict[0], verdict[1])
+        return _aio_with_principal(handler, verdict)  # type: ignore[arg-type]

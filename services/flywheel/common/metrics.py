@@ -3,12 +3,14 @@ served over HTTP on the server's own metrics port, plus an interceptor timing ev
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
+import grpc.aio
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 log = logging.getLogger("flywheel.rpc")
@@ -42,6 +44,11 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         self, method: str, context: grpc.ServicerContext, start: float, failed: BaseException | None
     ) -> None:
         code = context.code() if hasattr(context, "code") else None  # type: ignore[attr-defined]
+        if code is None and isinstance(failed, asyncio.CancelledError):
+            # An asyncio handler is cancelled when its caller cancels or its deadline passes.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
         if code is None:
             code = grpc.StatusCode.UNKNOWN if failed is not None else grpc.StatusCode.OK
         elapsed = time.perf_counter() - start
@@ -103,3 +110,59 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_streaming(method, handler.stream_stream), **common
         )
+
+
+class AioRpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """``RpcMetricsInterceptor`` for an asyncio server: the same metrics and log lines."""
+
+    def __init__(self, service: str, registry: CollectorRegistry) -> None:
+        self._sync = RpcMetricsInterceptor(service, registry)
+
+    def _wrap_unary(self, method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        record = self._sync._record
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            try:
+                response = await fn(request, context)
+            except BaseException as exc:
+                record(method, context, start, exc)  # type: ignore[arg-type]
+                raise
+            record(method, context, start, None)  # type: ignore[arg-type]
+            return response
+
+        return wrapped
+
+    def _wrap_streaming(self, method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        record = self._sync._record
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            try:
+                async for response in fn(request, context):
+                    yield response
+            except BaseException as exc:
+                record(method, context, start, exc)  # type: ignore[arg-type]
+                raise
+            record(method, context, start, None)  # type: ignore[arg-type]
+
+        return wrapped
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc."):
+            return handler
+        common = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **common)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(method, handler.stream_unary), **common)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_streaming(method, handler.unary_stream), **common
+            )
+        return grpc.stream_stream_rpc_method_handler(self._wrap_streaming(method, handler.stream_stream), **common)

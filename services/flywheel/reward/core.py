@@ -4,20 +4,25 @@ A request names a scorer set; each component of the set scores every sample, the
 the weighted sum, and the final reward is ``clip((raw - mean) / std)`` with the numbers reported
 in ``Normalization`` (mean 0 and std 1 when normalisation is off, so the formula always holds).
 Reward-model components go through the dynamic batcher, merged with other callers' samples;
-rule components run in the caller's thread.
+rule components run in the caller's thread (``score``) or, for the asyncio server
+(``score_async``), on the event loop when they are built-ins and in a worker thread when they are
+user code that may block.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from flywheel.common.aio import LoopBridge
 from flywheel.common.batching import BatcherClosed, DynamicBatcher, QueueFull, RequestDropped
 from flywheel.reward.config import DEFAULT_SET, RewardConfig, ScorerSpec
 from flywheel.reward.metrics import RewardMetrics
@@ -134,6 +139,21 @@ class RunningStats:
         return math.sqrt(self.m2 / self.count) if self.count > 1 else 0.0
 
 
+def _one_version(results: list[tuple[float, int]]) -> tuple[list[float], int] | None:
+    """(values, version) when one model version scored every sample; None when a request split
+    across batches straddled a weight swap (it is then scored again: one response, one version)."""
+    versions = {v for _, v in results}
+    if len(versions) == 1:
+        return [value for value, _ in results], versions.pop()
+    log.info("request straddled reward-model versions %s; rescoring", sorted(versions))
+    return None
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("the request's deadline passed"))
+
+
 def _transform(normalize: bool, mean: float, std: float) -> tuple[float, float]:
     """The (mean, std) a reward is normalised with: identity when off; only centring until the
     running stats have spread to divide by."""
@@ -158,6 +178,10 @@ class _ScorerSet:
     def uses_model(self) -> bool:
         return any(c.rule is None for c in self.components)
 
+    @property
+    def blocking_rules(self) -> bool:
+        return any(c.rule is not None and c.rule.blocking for c in self.components)
+
 
 class RewardService:
     """Scores samples with named scorer sets and takes versioned reward-model updates."""
@@ -181,6 +205,7 @@ class RewardService:
         self.last_push_time: datetime | None = None
         self.metadata: dict[str, str] = {}
         self.version_listeners: list[Callable[[ModelInfo], None]] = []
+        self._bridge: LoopBridge | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self) -> None:
@@ -243,18 +268,51 @@ class RewardService:
         is_active: Callable[[], bool] | None = None,
         on_cancel: Callable[[Callable[[], object]], bool] | None = None,
     ) -> ScoreResult:
-        """Scores ``samples`` with the set ``scorer`` ('' = default). ``timeout`` bounds the wait for
-        the model; ``is_active`` and ``on_cancel`` (see DynamicBatcher.submit) let the batcher drop
-        the request when its caller has gone."""
+        """Scores ``samples`` with the set ``scorer`` ('' = default), blocking. ``timeout`` bounds the
+        wait for the model; ``is_active`` and ``on_cancel`` (see DynamicBatcher.submit) let the
+        batcher drop the request when its caller has gone."""
         start = time.perf_counter()
         scorer_set = self.validate(samples, scorer)
-        components: dict[str, list[float]] = {}
         model_values: list[float] = []
         version = self.model_version
         if scorer_set.uses_model:
             model_values, version = self._model_scores(samples, timeout, is_active, on_cancel)
-        for c in scorer_set.components:
-            components[c.spec.name] = model_values if c.rule is None else c.rule(samples)
+        rules = self._rule_scores(scorer_set, samples)
+        return self._combine(scorer_set, samples, model_values, rules, version, start)
+
+    async def score_async(
+        self, samples: Sequence[Sample], scorer: str = "", timeout: float | None = None
+    ) -> ScoreResult:
+        """``score`` for an asyncio server: the wait for the model is awaited, and cancelling the
+        awaiting task drops the request from the batch if it has not run yet."""
+        start = time.perf_counter()
+        scorer_set = self.validate(samples, scorer)
+        model_values: list[float] = []
+        version = self.model_version
+        if scorer_set.uses_model:
+            model_values, version = await self._model_scores_async(samples, timeout)
+        if scorer_set.blocking_rules:  # user code: keep it off the event loop
+            rules = await asyncio.to_thread(self._rule_scores, scorer_set, samples)
+        else:
+            rules = self._rule_scores(scorer_set, samples)
+        return self._combine(scorer_set, samples, model_values, rules, version, start)
+
+    @staticmethod
+    def _rule_scores(scorer_set: _ScorerSet, samples: Sequence[Sample]) -> dict[str, list[float]]:
+        return {c.spec.name: c.rule(samples) for c in scorer_set.components if c.rule is not None}
+
+    def _combine(
+        self,
+        scorer_set: _ScorerSet,
+        samples: Sequence[Sample],
+        model_values: list[float],
+        rules: dict[str, list[float]],
+        version: int,
+        start: float,
+    ) -> ScoreResult:
+        components = {
+            c.spec.name: model_values if c.rule is None else rules[c.spec.name] for c in scorer_set.components
+        }
         raw = [
             math.fsum(c.spec.weight * components[c.spec.name][i] for c in scorer_set.components)
             for i in range(len(samples))
@@ -268,6 +326,28 @@ class RewardService:
         self.metrics.scoring_latency.labels(scorer_set.name).observe(time.perf_counter() - start)
         return ScoreResult(scores, version, norm)
 
+    @contextlib.contextmanager
+    def _batcher_errors(self) -> Iterator[None]:
+        """The batcher's exceptions as the service's."""
+        try:
+            yield
+        except QueueFull as exc:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(
+                f"reward scoring queue is full ({exc}); retry after {exc.retry_after_ms} ms", exc.retry_after_ms
+            ) from exc
+        except TimeoutError as exc:
+            raise ScoreTimeout("the deadline passed while the request waited for the reward model") from exc
+        except RequestDropped as exc:
+            raise RequestCancelled(str(exc)) from exc
+        except BatcherClosed as exc:
+            raise NotReady("the reward service is shutting down") from exc
+
+    def _batch_pairs(self, samples: Sequence[Sample]) -> list[tuple[str, str]]:
+        if self.batcher is None:
+            raise NotReady("the reward model is not loaded yet; retry when the server reports SERVING")
+        return [(s.prompt, s.completion) for s in samples]
+
     def _model_scores(
         self,
         samples: Sequence[Sample],
@@ -275,31 +355,40 @@ class RewardService:
         is_active: Callable[[], bool] | None,
         on_cancel: Callable[[Callable[[], object]], bool] | None,
     ) -> tuple[list[float], int]:
-        if self.batcher is None:
-            raise NotReady("the reward model is not loaded yet; retry when the server reports SERVING")
-        pairs = [(s.prompt, s.completion) for s in samples]
+        pairs = self._batch_pairs(samples)
+        assert self.batcher is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         for _attempt in range(_VERSION_RETRIES):
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
+            with self._batcher_errors():
                 results = self.batcher.submit(pairs, remaining, is_active, on_cancel)
-            except QueueFull as exc:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise Overloaded(
-                    f"reward scoring queue is full ({exc}); retry after {exc.retry_after_ms} ms",
-                    exc.retry_after_ms,
-                ) from exc
-            except TimeoutError as exc:
-                raise ScoreTimeout("the deadline passed while the request waited for the reward model") from exc
-            except RequestDropped as exc:
-                raise RequestCancelled(str(exc)) from exc
-            except BatcherClosed as exc:
-                raise NotReady("the reward service is shutting down") from exc
-            versions = {v for _, v in results}
-            if len(versions) == 1:
-                return [value for value, _ in results], versions.pop()
-            # Split across batches and a swap landed in between: one response, one version.
-            log.info("request straddled reward-model versions %s; rescoring", sorted(versions))
+            if (one := _one_version(results)) is not None:
+                return one
+        raise NotReady("the reward model changed version during scoring several times; retry")
+
+    async def _model_scores_async(self, samples: Sequence[Sample], timeout: float | None) -> tuple[list[float], int]:
+        pairs = self._batch_pairs(samples)
+        assert self.batcher is not None
+        loop = asyncio.get_running_loop()
+        if self._bridge is None or self._bridge.loop is not loop:
+            self._bridge = LoopBridge(loop)
+        deadline = None if timeout is None else loop.time() + timeout
+        for _attempt in range(_VERSION_RETRIES):
+            with self._batcher_errors():
+                future = self.batcher.submit_async(pairs)
+                waiter = self._bridge.wrap(future)
+                # A timer, not asyncio.wait_for: that wraps the wait in a task of its own per call.
+                timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+                try:
+                    results = await waiter
+                except BaseException:  # deadline, RPC cancelled, batch failed: drop it if still queued
+                    future.cancel()
+                    raise
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+            if (one := _one_version(results)) is not None:
+                return one
         raise NotReady("the reward model changed version during scoring several times; retry")
 
     def _postprocess(self, scorer_set: _ScorerSet, raw: list[float]) -> tuple[list[float], Normalization]:

@@ -46,12 +46,15 @@ class Scorer(Protocol):
 
 @dataclass(frozen=True)
 class RuleScorer:
-    """A scorer computed per request in the caller's thread (cheap, no model)."""
+    """A scorer computed per request in the caller's thread (cheap, no model). ``blocking``: user
+    code (``module:function``) that may take long or block, so an asyncio server runs it in a
+    worker thread rather than on its event loop; the built-ins are ours and cheap."""
 
     name: str
     source: str
     fn: Callable[[Sequence[Sample]], list[float]]
     kind: str = "rule"
+    blocking: bool = False
 
     def __call__(self, samples: Sequence[Sample]) -> list[float]:
         try:
@@ -227,7 +230,7 @@ def _rule(spec: ScorerSpec) -> RuleScorer:
             return list(fn([s.prompt for s in samples], [s.completion for s in samples], **kwargs))
         return [fn(s.prompt, s.completion, **kwargs) for s in samples]
 
-    return RuleScorer(spec.name, path, score)
+    return RuleScorer(spec.name, path, score, blocking=True)
 
 
 BUILDERS: Mapping[str, Callable[[ScorerSpec], RuleScorer]] = {

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from flywheel.common.server import ServiceServer, run_service
+from flywheel.common.server import AioServiceServer, run_service
 from flywheel.reward.config import RewardConfig
 from flywheel.reward.core import ModelInfo, RewardService
 from flywheel.reward.metrics import RewardMetrics
@@ -45,17 +45,18 @@ class RedisVersionRecord:
         self._client.close()
 
 
-def build_server(config: RewardConfig) -> ServiceServer:
+def build_server(config: RewardConfig) -> AioServiceServer:
     """The reward server: scorers are built (and a bad module:function fails) here, the reward
-    model loads in the on_load hook while health says NOT_SERVING."""
-    server = ServiceServer("reward", config, [SERVICE_NAME], internal_methods=INTERNAL_METHODS)
+    model loads in the on_load hook while health says NOT_SERVING. It is the asyncio server: a
+    Score call mostly waits for its batch, and coroutines wait far cheaper than pool threads."""
+    server = AioServiceServer("reward", config, [SERVICE_NAME], internal_methods=INTERNAL_METHODS)
     core = RewardService(config, RewardMetrics(server.registry, config.max_batch_size))
     if config.redis_url:
         # An empty redis_url would mean an embedded Redis; the record alone does not justify one.
         record = RedisVersionRecord(config.redis_url)
         core.version_listeners.append(record)
         server.on_shutdown(record.close)
-    add_to_server(RewardServicer(core), server.server)
+    server.add_servicer(add_to_server, RewardServicer(core))
     server.on_load(core.load)
     server.on_shutdown(core.close)
     return server

@@ -1,18 +1,26 @@
-"""RewardService RPCs: proto ↔ domain objects, domain exceptions → gRPC status codes."""
+"""RewardService RPCs: proto ↔ domain objects, domain exceptions → gRPC status codes.
+
+The handlers are coroutines for the asyncio server (``AioServiceServer``): a Score call awaits its
+batch without holding a thread, and anything slow or blocking (staging a weight push, a swap that
+waits for the batch in flight) runs in a worker thread, never on the event loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+import grpc.aio
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from flywheel.common import weight_channel, weights
+from flywheel.common.aio import ThreadContext
 from flywheel.common.weights import WeightPushError, WeightReceiver
 from flywheel.reward.core import (
     InvalidRequest,
@@ -91,45 +99,45 @@ def _model_response(info: ModelInfo) -> reward_pb2.GetModelResponse:
 
 
 class RewardServicer:
-    """Adapts RewardService (core) to the flywheel.v1.RewardService RPCs."""
+    """Adapts RewardService (core) to the flywheel.v1.RewardService RPCs (asyncio handlers)."""
 
     def __init__(self, core: RewardService) -> None:
         self.core = core
 
-    def Score(self, request: Any, context: grpc.ServicerContext) -> reward_pb2.ScoreResponse:
+    async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         if isinstance(request, Malformed):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
         samples = [Sample(s.sample_id, s.prompt, s.completion) for s in request.samples]
         remaining = context.time_remaining()
         # Without a deadline gRPC reports a near-infinite remainder that no wait accepts.
         timeout = remaining if remaining is not None and remaining < NO_DEADLINE_S else None
         try:
-            result = self.core.score(
-                samples, request.scorer, timeout, is_active=context.is_active, on_cancel=context.add_callback
-            )
+            result = await self.core.score_async(samples, request.scorer, timeout)
         except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Overloaded as exc:
             context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ScoreTimeout as exc:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except RequestCancelled as exc:
-            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+            await context.abort(grpc.StatusCode.CANCELLED, str(exc))
         except NotReady as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ScorerError as exc:
             log.error("scoring failed: %s", exc)
-            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         return _score_response(result)
 
-    def PushWeights(
-        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    async def PushWeights(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> reward_pb2.RewardServicePushWeightsResponse:
         started = time.monotonic()
         try:
-            staged, expected = self._receive(request_iterator, context)
-            update = self.core.swap_weights(
+            staged, expected = await self._receive(request_iterator, context)
+            # The swap waits for the batch in flight (the model lock): not on the event loop.
+            update = await asyncio.to_thread(
+                self.core.swap_weights,
                 staged.tensors,
                 staged.version,
                 full=staged.kind == "full",
@@ -137,7 +145,7 @@ class RewardServicer:
                 metadata=staged.metadata,
             )
         except (WeightPushError, UpdateRejected) as exc:
-            self._fail(context, exc.reason, exc.status, str(exc))
+            await self._fail(context, exc.reason, exc.status, str(exc))
         swapped_at = Timestamp()
         swapped_at.FromDatetime(update.swapped_at)
         result = common_pb2.WeightPushResult(
@@ -150,13 +158,16 @@ class RewardServicer:
         )
         return reward_pb2.RewardServicePushWeightsResponse(result=result)
 
-    def _receive(
-        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    async def _receive(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> tuple[weights.StagedWeights, int]:
-        """Stages the whole stream; returns the verified weights and the version they were staged on."""
-        state, version = self.core.weights_snapshot()
+        """Stages the whole stream; returns the verified weights and the version they were staged on.
+        Messages are read on the loop; staging them (hashing, the TCP side channel) runs in a worker
+        thread, one message at a time, so scoring goes on meanwhile."""
+        state, version = await asyncio.to_thread(self.core.weights_snapshot)
         receiver = WeightReceiver(state, version, self.core.config.max_push_bytes)
-        for request in request_iterator:
+        blocking_context = ThreadContext(context, asyncio.get_running_loop())
+        async for request in request_iterator:
             if isinstance(request, Malformed):
                 raise WeightPushError("malformed", request.describe())
             which = request.WhichOneof("message")
@@ -166,23 +177,27 @@ class RewardServicer:
                     "INVALID_ARGUMENT",
                 )  # fmt: skip
             message = getattr(request, which) if which else None
-            weight_channel.feed(receiver, which or "", message, context, self.core.config.host)
-        return receiver.finish(), version
+            await asyncio.to_thread(
+                weight_channel.feed, receiver, which or "", message, blocking_context, self.core.config.host
+            )
+        return await asyncio.to_thread(receiver.finish), version
 
-    def _fail(self, context: grpc.ServicerContext, reason: str, status: str, message: str) -> NoReturn:
+    async def _fail(self, context: grpc.aio.ServicerContext, reason: str, status: str, message: str) -> NoReturn:
         self.core.metrics.push_failures.labels(reason).inc()
         log.warning("reward-model push rejected (%s): %s", reason, message)
         code = getattr(grpc.StatusCode, status, grpc.StatusCode.INVALID_ARGUMENT)
-        context.abort(code, f"push rejected ({reason}): {message}; version {self.core.model_version} still scoring")
+        await context.abort(
+            code, f"push rejected ({reason}): {message}; version {self.core.model_version} still scoring"
+        )
         raise AssertionError("context.abort returns only by raising")  # for type checkers
 
-    def GetModel(self, request: Any, context: grpc.ServicerContext) -> reward_pb2.GetModelResponse:
+    async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> reward_pb2.GetModelResponse:
         if isinstance(request, Malformed):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
         return _model_response(self.core.describe())
 
 
-def add_to_server(servicer: RewardServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: RewardServicer, server: grpc.aio.Server) -> None:
     """Registers ``servicer`` like the generated add_RewardServiceServicer_to_server, but with request
     parsers that turn undecodable bytes into INVALID_ARGUMENT rather than INTERNAL."""
     handlers = {

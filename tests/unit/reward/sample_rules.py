@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 def exclamations(prompt: str, completion: str, per_mark: float = 1.0) -> float:
     return per_mark * completion.count("!")
@@ -16,3 +18,15 @@ def not_a_number(prompt: str, completion: str) -> float:
 
 
 NOT_CALLABLE = 3
+
+
+# A user rule that blocks (a network call, a slow judge): held until the test releases it.
+GATE = threading.Event()
+ENTERED = threading.Event()
+
+
+def gated(prompt: str, completion: str) -> float:
+    ENTERED.set()
+    if not GATE.wait(60):
+        raise TimeoutError("the test never opened the gate")
+    return 1.0
