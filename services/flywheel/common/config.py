@@ -55,7 +55,8 @@ class ServerConfig:
     max_concurrent_rpcs: int = 256
     """RPCs in flight before new ones get RESOURCE_EXHAUSTED."""
     max_workers: int = 32
-    """Threads serving RPCs."""
+    """Threads serving RPCs (thread-pool servers), or taking blocking work off the event loop
+    (the asyncio reward server: user rule functions, weight staging)."""
     grace_seconds: float = 10.0
     """On SIGTERM: seconds to let in-flight RPCs finish before cancelling them."""
     log_level: str = "INFO"

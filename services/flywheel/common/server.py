@@ -248,6 +248,12 @@ class AioServiceServer(ServiceServer):
 
     def _create(self, authenticator: Authenticator) -> None:
         self.loop = asyncio.new_event_loop()
+        # Blocking work handlers hand off (``asyncio.to_thread``: user rules, weight staging) gets
+        # ``max_workers`` threads, as the thread-pool server's handlers do, not asyncio's cpus+4.
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=self.config.max_workers, thread_name_prefix=f"{self.name}-work"
+        )
+        self.loop.set_default_executor(self._executor)
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name=f"{self.name}-aio", daemon=True)
         self._loop_thread.start()
 
@@ -325,6 +331,8 @@ class AioServiceServer(ServiceServer):
         self._loop_thread.join()
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+        # Not waited for: a user rule stuck in a worker thread must not hold up the shutdown.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def run_service(server: ServiceServer) -> None:
