@@ -10,6 +10,9 @@ median is reported, so drift on a shared machine hits both alike.
 
 The model ceiling row is what batching could give at most on this machine: the reward model's own
 forward pass at batch 1 and batch 32, called directly (no gRPC, no tokenizer), 32 x t(1) / t(32).
+The scoring ceiling row is the same for the whole of what one batch costs the service (chat
+template, tokenizer, forward, read-back: ``RewardModel.score_batch``), still without gRPC: no
+server can give more than that.
 "model busy" is the share of a run the server's model spent in batches: near 100% the model is the
 bottleneck; well below, the per-request gRPC work is.
 """
@@ -173,10 +176,11 @@ def measure(address: str, metrics_url: str, token: str, seconds: float) -> Run:
 
 
 # --- the model's own ceiling --------------------------------------------------------------------
-def model_ceiling(model: str, repeats: int, device: str = "cpu") -> tuple[float, float, float]:
-    """(ceiling, batch-1 seconds, batch-CALLERS seconds): direct forward calls on the same model,
-    alternated; the ceiling is the median of each adjacent pair's CALLERS x t(1) / t(CALLERS), so a
-    burst of load from other processes skews one pair, not the ratio."""
+def model_ceiling(model: str, repeats: int, device: str = "cpu") -> tuple[tuple[float, float, float], ...]:
+    """(ceiling, batch-1 seconds, batch-CALLERS seconds) for direct forward calls on the same model,
+    then the same for whole ``score_batch`` calls; alternated, the ceiling is the median of each
+    adjacent pair's CALLERS x t(1) / t(CALLERS), so a burst of load from other processes skews one
+    pair, not the ratio."""
     import torch
 
     from flywheel.reward.model_scorer import RewardModel
@@ -186,18 +190,25 @@ def model_ceiling(model: str, repeats: int, device: str = "cpu") -> tuple[float,
     pairs = [(s.samples[0].prompt, s.samples[0].completion) for s in score_requests(CALLERS)]
     one, full = ({k: v.to(device) for k, v in rm._encode(b).items()} for b in (pairs[:1], pairs))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    t1: list[float] = []
-    t32: list[float] = []
-    with torch.inference_mode():
-        for i in range(repeats + 3):
-            for times, batch in ((t1, one), (t32, full)):
-                t0 = time.perf_counter()
-                rm._model(**batch)
-                sync()  # a CUDA forward returns before it has run
-                if i >= 3:  # the first rounds warm up
-                    times.append(time.perf_counter() - t0)
-    ratios = [CALLERS * a / b for a, b in zip(t1, t32, strict=True)]
-    return statistics.median(ratios), statistics.median(t1), statistics.median(t32)
+    calls = {
+        "forward": (lambda: rm._model(**one), lambda: rm._model(**full)),
+        "score_batch": (lambda: rm.score_batch(pairs[:1]), lambda: rm.score_batch(pairs)),
+    }
+    results = []
+    for first, whole in calls.values():
+        t1: list[float] = []
+        t32: list[float] = []
+        with torch.inference_mode():
+            for i in range(repeats + 3):
+                for times, call in ((t1, first), (t32, whole)):
+                    t0 = time.perf_counter()
+                    call()
+                    sync()  # a CUDA forward returns before it has run
+                    if i >= 3:  # the first rounds warm up
+                        times.append(time.perf_counter() - t0)
+        ratios = [CALLERS * a / b for a, b in zip(t1, t32, strict=True)]
+        results.append((statistics.median(ratios), statistics.median(t1), statistics.median(t32)))
+    return tuple(results)
 
 
 def _model_id(name: str) -> str:
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds, repeats = (6.0, 3) if args.quick else (15.0, 5)
     model = _model_id(args.model)
     load_before = os.getloadavg()
-    ceiling, t1, t32 = model_ceiling(model, 30 if args.quick else 100, args.device)
+    (ceiling, t1, t32), (scoring, s1, s32) = model_ceiling(model, 30 if args.quick else 100, args.device)
     token = new_secret()
     runs: dict[int, list[Run]] = {CALLERS: [], 1: []}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -246,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         ("model ceiling", f"{ceiling:.2f}x",
          f"direct forward (no gRPC, no tokenizer): batch 1 {1000 * t1:.2f} ms, "
          f"batch {CALLERS} {1000 * t32:.2f} ms; the service reaches {ours / baseline / ceiling:.0%} of it"),
+        ("scoring ceiling", f"{scoring:.2f}x",
+         f"direct score_batch (chat template, tokenizer, forward; no gRPC): batch 1 {1000 * s1:.2f} ms, "
+         f"batch {CALLERS} {1000 * s32:.2f} ms; the service reaches {ours / baseline / scoring:.0%} of it"),
         ("setup", f"{args.model} on {args.device}",
          f"max_wait_ms={MAX_WAIT_MS:g}, torch_threads={TORCH_THREADS}, {os.cpu_count()} CPUs, "
          f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"),
