@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -32,3 +34,15 @@ def report(
                "ratio": round(ratio, 3), "target": target, "unit": unit}  # fmt: skip
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM (a server drains and exits), then SIGKILL if it is still there after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

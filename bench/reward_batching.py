@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import IO
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench._common import report
+from bench._common import report, terminate
 from flywheel.common.auth import new_secret
 from flywheel.common.health import free_port, wait_serving
 from flywheel.common.tiny_models import TinySpec, corpus, tiny_model_path
@@ -105,13 +104,8 @@ def reward_server(model: str, max_batch_size: int, data_dir: Path, token: str,
                         raise
             yield address, f"http://127.0.0.1:{metrics_port}/metrics"
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if proc is not None:
+                terminate(proc)
 
 
 def batch_counters(metrics_url: str) -> tuple[float, float, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from bench._common import report
+from bench._common import report, terminate
 from bench.reward_batching import measure
 from flywheel.common.auth import new_secret
 from flywheel.common.health import free_port, wait_serving
@@ -89,13 +88,7 @@ def server_process(kind: str, token: str) -> Iterator[tuple[str, str]]:
         wait_serving(address, timeout=120.0, alive=lambda: proc.poll() is None)
         yield address, f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from flywheel.common.rpc_handlers import rewrap
+
 log = logging.getLogger(__name__)
 
 # Methods anyone may call: probes and tooling must work without secrets.
@@ -113,13 +115,7 @@ def _abort_handler(
     def abort(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return rewrap(handler, lambda _behaviour: abort, parse=False)
 
 
 def _with_principal(handler: grpc.RpcMethodHandler, principal: tuple[Access, str]) -> grpc.RpcMethodHandler:
@@ -143,14 +139,7 @@ def _with_principal(handler: grpc.RpcMethodHandler, principal: tuple[Access, str
 
         return streaming if handler.response_streaming else unary
 
-    serde = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(bind(handler.unary_unary), **serde)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(bind(handler.stream_unary), **serde)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(bind(handler.unary_stream), **serde)
-    return grpc.stream_stream_rpc_method_handler(bind(handler.stream_stream), **serde)
+    return rewrap(handler, bind)
 
 
 class _Gate:
@@ -186,6 +175,23 @@ class _Gate:
             )
         return found
 
+    def guard(
+        self,
+        handler: grpc.RpcMethodHandler | None,
+        details: grpc.HandlerCallDetails,
+        refuse: Callable[[grpc.RpcMethodHandler, grpc.StatusCode, str], grpc.RpcMethodHandler],
+        bind: Callable[[grpc.RpcMethodHandler, tuple[Access, str]], grpc.RpcMethodHandler],
+    ) -> grpc.RpcMethodHandler | None:
+        """``handler`` as the decision has it: untouched, ``refuse``-d or ``bind``-ed to its principal."""
+        if handler is None:
+            return None
+        verdict = self.decide(details.method, details.invocation_metadata)  # type: ignore[attr-defined]
+        if verdict is None:
+            return handler
+        if isinstance(verdict[0], grpc.StatusCode):
+            return refuse(handler, verdict[0], verdict[1])  # type: ignore[arg-type]
+        return bind(handler, verdict)  # type: ignore[arg-type]
+
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without a known secret (UNAUTHENTICATED) or whose API key does not grant an
@@ -195,15 +201,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._gate = _Gate(authenticator, access_of)
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        verdict = self._gate.decide(handler_call_details.method, handler_call_details.invocation_metadata)
-        if verdict is None:
-            return handler
-        if isinstance(verdict[0], grpc.StatusCode):
-            return _abort_handler(handler, verdict[0], verdict[1])
-        return _with_principal(handler, verdict)  # type: ignore[arg-type]
+        return self._gate.guard(
+            continuation(handler_call_details), handler_call_details, _abort_handler, _with_principal
+        )
 
 
 def _aio_abort_handler(
@@ -214,13 +214,7 @@ def _aio_abort_handler(
     async def abort(_request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return rewrap(handler, lambda _behaviour: abort, parse=False)
 
 
 def _aio_with_principal(handler: grpc.RpcMethodHandler, principal: tuple[Access, str]) -> grpc.RpcMethodHandler:
@@ -239,14 +233,7 @@ def _aio_with_principal(handler: grpc.RpcMethodHandler, principal: tuple[Access,
 
         return streaming if handler.response_streaming else unary
 
-    serde = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(bind(handler.unary_unary), **serde)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(bind(handler.stream_unary), **serde)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(bind(handler.unary_stream), **serde)
-    return grpc.stream_stream_rpc_method_handler(bind(handler.stream_stream), **serde)
+    return rewrap(handler, bind)
 
 
 class AioAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -256,12 +243,6 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
         self._gate = _Gate(authenticator, access_of)
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        verdict = self._gate.decide(handler_call_details.method, handler_call_details.invocation_metadata)
-        if verdict is None:
-            return handler
-        if isinstance(verdict[0], grpc.StatusCode):
-            return _aio_abort_handler(handler, verdict[0], verdict[1])
-        return _aio_with_principal(handler, verdict)  # type: ignore[arg-type]
+        return self._gate.guard(
+            await continuation(handler_call_details), handler_call_details, _aio_abort_handler, _aio_with_principal
+        )

@@ -13,6 +13,8 @@ import grpc
 import grpc.aio
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from flywheel.common.rpc_handlers import rewrap
+
 log = logging.getLogger("flywheel.rpc")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -91,25 +93,8 @@ class RpcMetricsInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
             return handler
-        common = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary), **common
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary), **common
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_streaming(method, handler.unary_stream), **common
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap_streaming(method, handler.stream_stream), **common
-        )
+        wrap = self._wrap_streaming if handler.response_streaming else self._wrap_unary
+        return rewrap(handler, lambda behaviour: wrap(method, behaviour))
 
 
 class AioRpcMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -153,16 +138,5 @@ class AioRpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
             return handler
-        common = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **common)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(method, handler.stream_unary), **common)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_streaming(method, handler.unary_stream), **common
-            )
-        return grpc.stream_stream_rpc_method_handler(self._wrap_streaming(method, handler.stream_stream), **common)
+        wrap = self._wrap_streaming if handler.response_streaming else self._wrap_unary
+        return rewrap(handler, lambda behaviour: wrap(method, behaviour))
