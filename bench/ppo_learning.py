@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from rich.progress import Progress
 
 from bench._common import parse, report
-from flywheel.common.tiny_models import cache_dir, corpus, tiny_model_path
+from flywheel.common.tiny_models import cached, sft_on_corpus, tiny_model_path
 from flywheel.learner.config import LearnerConfig
 from flywheel.learner.core import Learner
 from flywheel.learner.local_rollout import PolicySampler, vader_score_fn
@@ -40,32 +40,10 @@ EVAL_SAMPLES = 4
 # --- SFT: teach the random tiny model to write the corpus' sentences ----------------------------
 def sft_model(steps: int = SFT_STEPS, seed: int = 0) -> Path:
     """The tiny Llama after a short plain-torch SFT on corpus sentences (cached across runs)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     base = tiny_model_path("llama")
     digest = hashlib.sha256(f"{base.name}-{steps}-{SFT_LR}-{seed}-v1".encode()).hexdigest()[:10]
-    target = cache_dir() / f"sft-sentiment-{digest}"
-    if (target / "config.json").exists():
-        return target
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    texts = corpus(steps * 32, seed=seed + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=SFT_LR)
-    model.train()
-    for step in range(steps):
-        batch = tokenizer([t + tokenizer.eos_token for t in texts[step * 32:(step + 1) * 32]],
-                          return_tensors="pt", padding=True, add_special_tokens=False)
-        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)  # (B, L)
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target) if not target.exists() else None
-    return target
+    return cached(f"sft-sentiment-{digest}",
+                  lambda out: sft_on_corpus(base, out, steps=steps, batch_size=32, learning_rate=SFT_LR, seed=seed))
 
 
 # --- the PPO run --------------------------------------------------------------------------------

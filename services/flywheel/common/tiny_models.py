@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,6 +142,26 @@ def build(kind: str, out_dir: Path, spec: TinySpec) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def cached(name: str, build: Callable[[Path], None]) -> Path:
+    """``cache_dir()/name``, built first if needed by ``build(tmp_dir)`` under a file lock and renamed
+    in atomically: readers see a complete model or none, and concurrent processes build it once."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / name
+    if (target / "config.json").exists():
+        return target
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+            try:
+                build(tmp)
+                os.rename(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def tiny_model_path(kind: str = "llama", spec: TinySpec | None = None) -> Path:
     """Path of the cached tiny model ``kind``, building it first if needed (safe across processes)."""
     if kind not in KINDS:
@@ -148,21 +169,31 @@ def tiny_model_path(kind: str = "llama", spec: TinySpec | None = None) -> Path:
             f"unknown tiny model {kind!r}: use one of {', '.join(TINY_SCHEME + k for k in KINDS)}"
         )
     spec = spec or TinySpec()
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"tiny-{kind}-{spec.digest(kind)}"
-    if (target / "config.json").exists():
-        return target
-    with open(root / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}."))
-            try:
-                build(kind, tmp, spec)
-                os.rename(tmp, target)  # atomic: readers see a complete model or none
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached(f"tiny-{kind}-{spec.digest(kind)}", lambda out: build(kind, out, spec))
+
+
+def sft_on_corpus(base: Path, out: Path, *, steps: int, batch_size: int, learning_rate: float, seed: int) -> None:
+    """Plain-torch SFT of the causal LM at ``base`` on ``corpus`` sentences (each ending in EOS),
+    saved with its tokenizer to ``out``: teaches a random tiny model to write sentences."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    texts = corpus(steps * batch_size, seed=seed + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    for step in range(steps):
+        batch = tokenizer([t + tokenizer.eos_token for t in texts[step * batch_size : (step + 1) * batch_size]],
+                          return_tensors="pt", padding=True, add_special_tokens=False)  # fmt: skip
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)  # (B, L)
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def resolve_model(model: str) -> str:

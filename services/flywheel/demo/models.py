@@ -8,17 +8,12 @@ of the users' preference, which it must learn from their feedback.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flywheel.common.tiny_models import TinySpec, cache_dir, corpus, tiny_model_path
+from flywheel.common.tiny_models import TinySpec, cached, sft_on_corpus, tiny_model_path
 
 
 @dataclass(frozen=True)
@@ -41,60 +36,22 @@ class DemoModelSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _cached(name: str, build: Callable[[Path], None]) -> Path:
-    """``cache_dir()/name``, built by ``build(tmp_dir)`` under a lock and renamed in atomically."""
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / name
-    if (target / "config.json").exists():
-        return target
-    with open(root / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-            try:
-                build(tmp)
-                os.rename(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def demo_policy(spec: DemoModelSpec | None = None) -> Path:
     """The SFT-ed tiny Llama (built on first use, a minute or so on 2 cores)."""
     spec = spec or DemoModelSpec()
-    return _cached(f"demo-policy-{spec.digest('policy')}", lambda out: _sft(spec, out))
+    base = tiny_model_path("llama", spec.tiny)
+    return cached(
+        f"demo-policy-{spec.digest('policy')}",
+        lambda out: sft_on_corpus(base, out, steps=spec.sft_steps, batch_size=spec.sft_batch_size,
+                                  learning_rate=spec.sft_learning_rate, seed=spec.seed),
+    )  # fmt: skip
 
 
 def demo_reward_model(spec: DemoModelSpec | None = None) -> Path:
     """The SFT backbone with a fresh single-logit head, as a sequence-classification model."""
     spec = spec or DemoModelSpec()
     policy = demo_policy(spec)
-    return _cached(f"demo-reward-{spec.digest('reward')}", lambda out: _reward_head(policy, spec, out))
-
-
-def _sft(spec: DemoModelSpec, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = tiny_model_path("llama", spec.tiny)
-    torch.manual_seed(spec.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    b = spec.sft_batch_size
-    texts = corpus(spec.sft_steps * b, seed=spec.seed + 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_learning_rate)
-    model.train()
-    for step in range(spec.sft_steps):
-        batch = tokenizer([t + tokenizer.eos_token for t in texts[step * b:(step + 1) * b]],
-                          return_tensors="pt", padding=True, add_special_tokens=False)
-        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)  # (B, L)
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    return cached(f"demo-reward-{spec.digest('reward')}", lambda out: _reward_head(policy, spec, out))
 
 
 def _reward_head(policy: Path, spec: DemoModelSpec, out: Path) -> None:
