@@ -64,13 +64,15 @@ def test_async_mode_never_trains_on_samples_older_than_max_policy_lag(
     assert "flywheel_learner_behaviour_kl" in samples
 
 
+# A checkpoint after every step waits for the push in flight itself: its figures still reach the next step.
+@pytest.mark.parametrize("checkpoint_every", [0, 1])
 def test_async_mode_pushes_in_the_background_in_order_and_the_next_batch_samples_the_new_version(
-    generator: Any, reward: Any, server_config: dict[str, Any], start_server: Any, tiny_llama_path: str,  # noqa: F811
-    internal_token: str, redis_client: Any,
+    checkpoint_every: int, generator: Any, reward: Any, server_config: dict[str, Any], start_server: Any,  # noqa: F811
+    tiny_llama_path: str, internal_token: str, redis_client: Any,
 ) -> None:
     config = learner_config(server_config, tiny_llama_path, f"127.0.0.1:{generator.port}",
                             f"127.0.0.1:{reward.port}", mode="async", rollout_prefetch=1, max_policy_lag=1,
-                            stale_policy="drop", delta_push=True)
+                            stale_policy="drop", delta_push=True, checkpoint_every=checkpoint_every)
     learner = start_server(build_learner, config).learner
     pushed: list[float] = []
     for step in range(1, 6):

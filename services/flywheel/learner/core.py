@@ -82,6 +82,9 @@ class Learner:
         # trains; at most one push is in flight (``_pending_push``), so versions land in order.
         self._push_pool: ThreadPoolExecutor | None = None
         self._pending_push: Future[PushReport] | None = None
+        # A finished push whose figures no step's metrics carry yet: a checkpoint, rollback or
+        # resync can be what waited for it, and the next step still reports it.
+        self._unreported_push: PushReport | None = None
 
     # --- loading and resuming ----------------------------------------------------------------
     def load(self) -> None:
@@ -334,9 +337,7 @@ class Learner:
         go into this step's metrics (``push_version`` says which). The rollout thread waits for
         this push before it starts the next batch (``AsyncRollouts``' barrier), so that batch is
         sampled by the new version: the staleness is the same as with a blocking push."""
-        previous = self.wait_for_push()
-        if previous is not None:
-            self._push_figures(metrics, previous)
+        self._report_push(metrics)
         version = self.status_.policy_version + 1
         self._set_version(version)
         if self.publisher is None:
@@ -350,10 +351,21 @@ class Learner:
                                                     self._lineage(version, metrics, rm_version), True)
 
     def wait_for_push(self) -> PushReport | None:
-        """Waits for the background push in flight (async mode), if any, and returns its report;
-        raises what the push raised. Callers hold the lock, or the loop has stopped."""
+        """Waits for the background push in flight (async mode), if any; returns the report of the
+        last finished push that no step has reported yet (None when there is none), and raises what
+        the push raised. Callers hold the lock, or the loop has stopped."""
         future, self._pending_push = self._pending_push, None
-        return None if future is None else future.result()
+        if future is not None:
+            self._unreported_push = future.result()
+        return self._unreported_push
+
+    def _report_push(self, metrics: dict[str, float]) -> None:
+        """Waits for the push in flight; the last finished push that no step has reported yet goes
+        into ``metrics`` (``push_version`` says which)."""
+        self.wait_for_push()
+        report, self._unreported_push = self._unreported_push, None
+        if report is not None:
+            self._push_figures(metrics, report)
 
     def _lineage(self, version: int, metrics: dict[str, float], rm_version: int) -> PolicyEntry:
         return PolicyEntry(version, parent_version=version - 1, step=self.status_.step, reward_model_version=rm_version,
@@ -537,9 +549,7 @@ class Learner:
         cfg = self.config
         if not cfg.guard_enabled or self.publisher is None or self.rollouts is None:
             return
-        pushed = self.wait_for_push()  # async mode: the version to evaluate must be serving
-        if pushed is not None:
-            self._push_figures(metrics, pushed)
+        self._report_push(metrics)  # async mode: the version to evaluate must be serving
         registry, version = self.publisher.registry, self.status_.policy_version
         pad_id = self.tokenizer.pad_token_id  # type: ignore[attr-defined]
         evaluation = evaluate_served_policy(self.rollouts, self.reference, eval_prompts(cfg), cfg,
