@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 TINY_SCHEME = "tiny://"
 KINDS = ("llama", "reward")
@@ -73,8 +74,14 @@ class TinySpec:
     seed: int = 0
 
     def digest(self, kind: str) -> str:
-        text = json.dumps({"kind": kind, "v": 1, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return recipe_digest(kind, self)
+
+
+def recipe_digest(kind: str, recipe: Any) -> str:
+    """A short cache key for a model built by ``kind`` from the dataclass ``recipe``: any change to
+    the recipe makes a new key."""
+    text = json.dumps({"kind": kind, "v": 1, **asdict(recipe)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:

@@ -87,8 +87,6 @@ class ClusterPoller:
             snap.rm_fits = len(fits)
             accuracies = [f["heldout_accuracy"] for f in fits if f["heldout_accuracy"] is not None]
             snap.rm_accuracy = accuracies[-1] if accuracies else None
-        if "rm_heldout_accuracy" in snap.metrics:
-            snap.rm_accuracy = snap.metrics["rm_heldout_accuracy"]
         return snap
 
     def close(self) -> None:

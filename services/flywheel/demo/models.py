@@ -8,12 +8,10 @@ of the users' preference, which it must learn from their feedback.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from flywheel.common.tiny_models import TinySpec, cached, sft_on_corpus, tiny_model_path
+from flywheel.common.tiny_models import TinySpec, cached, recipe_digest, sft_on_corpus, tiny_model_path
 
 
 @dataclass(frozen=True)
@@ -32,8 +30,7 @@ class DemoModelSpec:
     """The tiny Llama it starts from."""
 
     def digest(self, kind: str) -> str:
-        text = json.dumps({"kind": kind, "v": 1, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return recipe_digest(kind, self)
 
 
 def demo_policy(spec: DemoModelSpec | None = None) -> Path:

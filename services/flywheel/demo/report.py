@@ -11,12 +11,11 @@ from typing import Any
 
 from flywheel.learner.plot import read_metrics
 
-FIT_ACCURACY_KEYS = ("heldout_accuracy", "heldout_pair_accuracy", "rm_heldout_accuracy")
-
 
 def read_rm_fits(learner_run_dir: Path) -> list[dict[str, Any]]:
-    """The learner's reward-model fits from metrics.jsonl ("event": "rm_fit" lines, or steps that carry
-    ``rm_heldout_accuracy``), each with the learner step it followed and a finite accuracy or None."""
+    """The learner's reward-model fits from metrics.jsonl (its "event": "rm_fit" lines, see
+    ``feedback_learning.fit_record``), each with the learner step it followed and a finite held-out
+    accuracy or None."""
     try:
         records = read_metrics(learner_run_dir)
     except FileNotFoundError:
@@ -25,12 +24,9 @@ def read_rm_fits(learner_run_dir: Path) -> list[dict[str, Any]]:
     for record in records:
         if "step" in record:
             step = int(record["step"])
-        if record.get("event") == "rm_fit":
-            accuracy = next((record[k] for k in FIT_ACCURACY_KEYS if k in record), None)
-        elif "rm_heldout_accuracy" in record:
-            accuracy = record["rm_heldout_accuracy"]
-        else:
+        if record.get("event") != "rm_fit":
             continue
+        accuracy = record.get("heldout_accuracy")
         finite = isinstance(accuracy, (int, float)) and math.isfinite(accuracy)
         fits.append({"step": step, "heldout_accuracy": float(accuracy) if finite else None,  # type: ignore[arg-type]
                      "pushed": bool(record.get("pushed", True)), "rm_version": record.get("rm_version"),
