@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
-from bench._common import parse
+from bench._common import parse, terminate
 from bench.ppo_learning import sft_model
 from flywheel.common.auth import new_secret
 from flywheel.common.health import free_port, wait_serving
@@ -77,15 +77,6 @@ def _serve(service: str, fields: dict[str, Any], tmp: Path) -> tuple[subprocess.
     address = f"127.0.0.1:{port}"
     wait_serving(address, 180, alive=lambda: proc.poll() is None)
     return proc, address
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _eval_prompts() -> list[PromptItem]:
@@ -131,8 +122,8 @@ def run_mode(mode: str, steps: int, model: str, common: dict[str, Any], tmp: Pat
                 "tokens_per_sample": mean("completion_tokens_mean"),
                 "tokens_per_second": samples / seconds * mean("completion_tokens_mean")}
     finally:
-        _stop(generator)
-        _stop(reward)
+        terminate(generator)
+        terminate(reward)
 
 
 def _combine(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -32,6 +32,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from bench._common import terminate
 from flywheel.common import keys
 from flywheel.common.auth import hash_key, new_secret
 from flywheel.common.health import free_port, wait_serving
@@ -171,8 +172,7 @@ def run(quick: bool) -> dict[str, Any]:
                     ]
                     unary = load(stub, api_key, singles, 8)
             finally:
-                proc.terminate()
-                proc.wait(30)
+                terminate(proc)
             payloads = [fields for _id, fields in client.xrange(keys.FEEDBACK_STREAM, count=batched_events)]
             raw = raw_xadd(client, payloads, batch)
             aof = client.config_get("appendfsync")["appendfsync"]

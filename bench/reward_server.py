@@ -69,10 +69,10 @@ def serve(kind: str, port: int, metrics_port: int, token: str) -> None:
     from flywheel.reward.config import RewardConfig
     from flywheel.reward.server import build_server
 
-    config = RewardConfig(model="", scorers=SCORERS, port=port, metrics_port=metrics_port, host="127.0.0.1",
-                          internal_token=token, data_dir=tempfile.mkdtemp(prefix="reward-server-bench-"),
-                          log_level="WARNING")  # fmt: skip
-    run_service(build_server(config) if kind == "asyncio" else _threaded_server(config))
+    with tempfile.TemporaryDirectory(prefix="reward-server-bench-") as data_dir:
+        config = RewardConfig(model="", scorers=SCORERS, port=port, metrics_port=metrics_port, host="127.0.0.1",
+                              internal_token=token, data_dir=data_dir, log_level="WARNING")  # fmt: skip
+        run_service(build_server(config) if kind == "asyncio" else _threaded_server(config))
 
 
 @contextmanager
