@@ -20,7 +20,7 @@ from redis.retry import Retry
 from flywheel.common import keys
 from flywheel.common.redis_store import EmbeddedRedis, _die_with_parent, connect, redis_server_binary
 from flywheel.feedback.config import FeedbackConfig
-from flywheel.feedback.core import DurabilityError, FeedbackStore, StoreItem
+from flywheel.feedback.core import DurabilityError, FeedbackStore, StoreItem, _version_tuple
 from flywheel.feedback.server import build_server
 from flywheel.v1 import feedback_pb2 as pb
 from flywheel.v1 import feedback_pb2_grpc
@@ -72,8 +72,8 @@ def test_always_refuses_when_config_is_disabled(tmp_path: Path) -> None:
 
 
 def _version(client: Any) -> tuple[int, ...]:
-    text = str(client.info("server")["redis_version"])
-    return tuple(int(p) for p in text.split(".")[:3])
+    """The server's version as the feedback store parses it to choose its durability=always path."""
+    return _version_tuple(str(client.info("server")["redis_version"]))
 
 
 def _waitaof_calls(client: Any) -> int:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -18,63 +16,17 @@ from flywheel.common.weight_push import push_messages, push_weights
 from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.engine import sampling_distribution
 from flywheel.generator.server import build_server
-from flywheel.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from flywheel.v1 import common_pb2, generator_pb2
 from tests.conftest import auth
-
-PROMPTS = ["the movie was", "my day felt", "the food"]
-
-
-@dataclasses.dataclass
-class Gen:
-    server: Any
-    stub: generator_pb2_grpc.GeneratorServiceStub
-    target: str
-    token: str
-    api_key: str
-
-    @property
-    def engine(self) -> Any:
-        return self.server.generator_servicer.engine
-
-    def generate(self, key: str | None = None, **kw: Any) -> generator_pb2.GenerateResponse:
-        prompts = kw.pop("prompts", PROMPTS)
-        sampling = kw.pop("sampling", {"temperature": 0.0, "max_new_tokens": 6})
-        request = generator_pb2.GenerateRequest(
-            prompts=[generator_pb2.Prompt(prompt_id=str(i), text=t) for i, t in enumerate(prompts)],
-            sampling=generator_pb2.SamplingParams(**sampling),
-            **kw,
-        )
-        return self.stub.Generate(request, metadata=auth(key or self.api_key), timeout=60)
-
-    def version(self) -> int:
-        return self.stub.GetPolicy(generator_pb2.GetPolicyRequest(), metadata=auth(self.api_key)).policy_version
+from tests.generator_helpers import PROMPTS, Gen, check_pushes_never_mix_versions, outputs, perturbed
 
 
 @pytest.fixture
 def gen(start_server: Callable[..., Any], server_config: dict[str, Any], tiny_llama_path: str,
-        internal_token: str, api_key: str) -> Any:
+        internal_token: str, api_key: str) -> Iterator[Gen]:
     config = GeneratorConfig(model=tiny_llama_path, max_wait_ms=2.0, **server_config)
-    server = start_server(build_server, config)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield Gen(server, generator_pb2_grpc.GeneratorServiceStub(channel), f"127.0.0.1:{server.port}",
-              internal_token, api_key)
-    channel.close()
-
-
-def _outputs(response: generator_pb2.GenerateResponse) -> list[tuple[list[int], list[float], int]]:
-    return [(list(c.token_ids), list(c.logprobs), c.policy_version) for r in response.results for c in r.completions]
-
-
-def _perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """New weights whose greedy output differs clearly from others' (lm_head scaled: big margins)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in state.items()}
-    out["lm_head.weight"] = out["lm_head.weight"] * 20
-    return out
-
-
-def _live_state(gen: Gen) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in gen.engine.weights_for_push().items()}
+    with Gen.connect(start_server(build_server, config), internal_token, api_key) as client:
+        yield client
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -107,7 +59,7 @@ def test_outputs_carry_tokens_logprobs_version_matching_a_forward_pass(gen: Gen,
 
 def test_seeded_sampling_replays_and_stop_strings_cut_text(gen: Gen) -> None:
     sampling = {"temperature": 1.0, "max_new_tokens": 8, "seed": 7}
-    assert _outputs(gen.generate(sampling=sampling)) == _outputs(gen.generate(sampling=sampling))
+    assert outputs(gen.generate(sampling=sampling)) == outputs(gen.generate(sampling=sampling))
     first = gen.generate(prompts=PROMPTS[:1], sampling=sampling).results[0].completions[0]
     stop = first.text[2:4] if len(first.text) >= 4 else None
     if stop:
@@ -194,12 +146,12 @@ def test_bad_generate_input_is_invalid_argument(gen: Gen) -> None:
 
 
 def test_full_then_delta_push_change_outputs_and_bump_version(gen: Gen) -> None:
-    before = _outputs(gen.generate())
-    base = _live_state(gen)
-    v1 = _perturbed(base, 1)
+    before = outputs(gen.generate())
+    base = gen.live_state()
+    v1 = perturbed(base, 1)
     results = push_weights([gen.target], v1, 1, token=gen.token, metadata={"step": "10"})
     assert results[gen.target].version == 1 and results[gen.target].previous_version == 0
-    after_full = _outputs(gen.generate())
+    after_full = outputs(gen.generate())
     assert {o[2] for o in after_full} == {1} and [o[0] for o in after_full] != [o[0] for o in before]
     policy = gen.stub.GetPolicy(generator_pb2.GetPolicyRequest(), metadata=auth(gen.api_key))
     assert (policy.policy_version, dict(policy.metadata), policy.engine) == (1, {"step": "10"}, "transformers")
@@ -211,7 +163,7 @@ def test_full_then_delta_push_change_outputs_and_bump_version(gen: Gen) -> None:
     assert result.bytes_received < v2["lm_head.weight"].numel() * 4
     live = gen.engine.weights_for_push()
     assert all(torch.equal(live[k], v2[k]) for k in v2)
-    after_delta = _outputs(gen.generate())
+    after_delta = outputs(gen.generate())
     assert {o[2] for o in after_delta} == {2} and [o[0] for o in after_delta] != [o[0] for o in after_full]
 
 
@@ -254,15 +206,15 @@ def _corruptions(state: dict[str, torch.Tensor]) -> dict[str, tuple[list[tuple[s
 
 
 def test_every_bad_push_is_rejected_and_outputs_stay_bit_identical(gen: Gen) -> None:
-    reference = _outputs(gen.generate(sampling={"temperature": 0.8, "seed": 3, "max_new_tokens": 6}))
-    new = _perturbed(_live_state(gen), 9)
+    reference = outputs(gen.generate(sampling={"temperature": 0.8, "seed": 3, "max_new_tokens": 6}))
+    new = perturbed(gen.live_state(), 9)
     for reason, (messages, code) in _corruptions(new).items():
         with pytest.raises(grpc.RpcError) as err:
             push_messages(gen.target, iter(messages), token=gen.token)
         assert err.value.code() == code, reason
         assert err.value.details().startswith(reason), err.value.details()
         assert gen.version() == 0
-        assert _outputs(gen.generate(sampling={"temperature": 0.8, "seed": 3, "max_new_tokens": 6})) == reference
+        assert outputs(gen.generate(sampling={"temperature": 0.8, "seed": 3, "max_new_tokens": 6})) == reference
     for secret, code in (("", grpc.StatusCode.UNAUTHENTICATED), (gen.api_key, grpc.StatusCode.PERMISSION_DENIED)):
         with pytest.raises(grpc.RpcError) as err:
             push_messages(gen.target, w.iter_push_messages(new, 5), token=secret)
@@ -276,52 +228,14 @@ def test_every_bad_push_is_rejected_and_outputs_stay_bit_identical(gen: Gen) -> 
 def test_uri_push_from_safetensors(gen: Gen, tmp_path: Any) -> None:
     from safetensors.torch import save_file
 
-    new = _perturbed(_live_state(gen), 4)
+    new = perturbed(gen.live_state(), 4)
     save_file(new, str(tmp_path / "model.safetensors"))
     result = push_messages(gen.target, w.iter_uri_push_messages(f"file://{tmp_path}", 3, state=new), token=gen.token)
     assert result.version == 3 and all(torch.equal(gen.engine.weights_for_push()[k], new[k]) for k in new)
 
 
 def test_concurrent_generation_during_pushes_never_mixes_versions(gen: Gen) -> None:
-    base = _live_state(gen)
-    states = {s: _perturbed(base, s) for s in (1, 2, 3)}
-    state_of = {0: 0}
-    refs: dict[int, Any] = {0: [o[0] for o in _outputs(gen.generate())]}
-    for s, state in states.items():  # reference greedy output of each state, served alone
-        push_weights([gen.target], state, s, token=gen.token)
-        refs[s] = [o[0] for o in _outputs(gen.generate())]
-        state_of[s] = s
-    assert len({tuple(map(tuple, r)) for r in refs.values()}) == 4, "states must be distinguishable"
-    seen: list[list[tuple[list[int], list[float], int]]] = []
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def caller() -> None:
-        try:
-            while not stop.is_set() or len(seen) < 8:
-                seen.append(_outputs(gen.generate()))
-        except BaseException as exc:
-            errors.append(exc)
-            raise
-
-    threads = [threading.Thread(target=caller) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        for version in range(4, 10):  # cycle through the states again under load
-            state = states[(version - 4) % 3 + 1]
-            result = push_weights([gen.target], state, version, token=gen.token)[gen.target]
-            assert not isinstance(result, Exception), result
-            assert result.version == version
-            state_of[version] = (version - 4) % 3 + 1
-    finally:  # a failed push must fail the test, not leave the callers looping
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
-    assert not errors
-    for outputs in seen:
-        for index, (tokens, _logprobs, version) in enumerate(outputs):
-            assert tokens == refs[state_of[version]][index], f"version {version} output made by other weights"
+    check_pushes_never_mix_versions(gen, join_timeout=120, require_overlap=False)
 
 
 def test_lora_push_loads_an_adapter_used_by_name(gen: Gen, tiny_llama_path: str) -> None:
@@ -332,13 +246,13 @@ def test_lora_push_loads_an_adapter_used_by_name(gen: Gen, tiny_llama_path: str)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_path), config)
     adapter = {k: v.detach().clone() * 50 for k, v in get_peft_model_state_dict(peft_model).items()}
     spec = common_pb2.LoraAdapterSpec(adapter_name="style", adapter_config_json=json.dumps(config.to_dict(), default=list))
-    base_before = _outputs(gen.generate())
+    base_before = outputs(gen.generate())
     result = push_messages(gen.target, w.iter_push_messages(adapter, 1, kind=w.LORA, lora=spec), token=gen.token)
     assert result.version == 1
     assert list(gen.stub.GetPolicy(generator_pb2.GetPolicyRequest(), metadata=auth(gen.api_key)).adapter_names) == ["style"]
-    with_adapter = _outputs(gen.generate(adapter_name="style"))
+    with_adapter = outputs(gen.generate(adapter_name="style"))
     assert [o[0] for o in with_adapter] != [o[0] for o in base_before]
-    assert [o[0] for o in _outputs(gen.generate())] == [o[0] for o in base_before]  # base unaffected
+    assert [o[0] for o in outputs(gen.generate())] == [o[0] for o in base_before]  # base unaffected
     bad = {k: v for k, v in list(adapter.items())[1:]}
     spec2 = common_pb2.LoraAdapterSpec(adapter_name="broken", adapter_config_json=spec.adapter_config_json)
     with pytest.raises(grpc.RpcError) as err:

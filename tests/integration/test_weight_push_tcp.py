@@ -3,7 +3,6 @@ the tiny model): gRPC carries manifest and commit, the bytes go over the negotia
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -19,45 +18,12 @@ from flywheel.common.weight_channel import NONCE_BYTES, NONCE_KEY, PORT_KEY
 from flywheel.common.weight_push import push_plan, push_weights
 from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.server import build_server
-from flywheel.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from flywheel.v1 import common_pb2, generator_pb2
 from tests.conftest import auth
+from tests.generator_helpers import Gen, perturbed
 
 pytestmark = pytest.mark.timeout(180)
-PROMPTS = ["the movie was", "my day felt", "the food"]
 SAMPLING = {"temperature": 0.8, "seed": 3, "max_new_tokens": 6}
-
-
-@dataclasses.dataclass
-class Gen:
-    server: Any
-    stub: generator_pb2_grpc.GeneratorServiceStub
-    target: str
-    token: str
-    api_key: str
-
-    @property
-    def engine(self) -> Any:
-        return self.server.generator_servicer.engine
-
-    def outputs(self) -> list[tuple[list[int], list[float], int]]:
-        request = generator_pb2.GenerateRequest(
-            prompts=[generator_pb2.Prompt(prompt_id=str(i), text=t) for i, t in enumerate(PROMPTS)],
-            sampling=generator_pb2.SamplingParams(**SAMPLING),
-        )
-        response = self.stub.Generate(request, metadata=auth(self.api_key), timeout=60)
-        return [
-            (list(c.token_ids), list(c.logprobs), c.policy_version)
-            for r in response.results
-            for c in r.completions
-        ]
-
-    def version(self) -> int:
-        return self.stub.GetPolicy(
-            generator_pb2.GetPolicyRequest(), metadata=auth(self.api_key)
-        ).policy_version
-
-    def live_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.engine.weights_for_push().items()}
 
 
 @pytest.fixture
@@ -65,28 +31,17 @@ def start_gen(
     start_server: Callable[..., Any], server_config: dict[str, Any], tiny_llama_path: str,
     internal_token: str, api_key: str,
 ) -> Iterator[Callable[[], Gen]]:  # fmt: skip
-    channels: list[grpc.Channel] = []
+    gens: list[Gen] = []
 
     def start() -> Gen:
         config = GeneratorConfig(model=tiny_llama_path, max_wait_ms=2.0, **server_config)
-        server = start_server(build_server, config)
-        target = f"127.0.0.1:{server.port}"
-        channels.append(grpc.insecure_channel(target))
-        return Gen(
-            server, generator_pb2_grpc.GeneratorServiceStub(channels[-1]), target, internal_token, api_key
-        )
+        gens.append(Gen.connect(start_server(build_server, config), internal_token, api_key,
+                                defaults={"sampling": SAMPLING}))  # fmt: skip
+        return gens[-1]
 
     yield start
-    for channel in channels:
-        channel.close()
-
-
-def _perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """New weights whose outputs differ clearly from the old ones (lm_head scaled: big margins)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in state.items()}
-    out["lm_head.weight"] = out["lm_head.weight"] * 20
-    return out
+    for gen in gens:
+        gen.close()
 
 
 def _listening_ports() -> set[int]:
@@ -105,7 +60,7 @@ def test_tcp_push_changes_outputs_and_bumps_the_version_exactly_like_a_grpc_push
     before = over_tcp.outputs()
     listening = _listening_ports()
     base = over_tcp.live_state()
-    v1 = _perturbed(base, 1)
+    v1 = perturbed(base, 1)
     v2 = {k: t.clone() for k, t in v1.items()}
     v2["lm_head.weight"][:, :8] *= -1  # a delta: only some elements change
     for version, state, delta in ((1, v1, {}), (2, v2, {"base": v1, "base_version": 1})):
@@ -162,7 +117,7 @@ def test_bad_tcp_pushes_are_rejected_and_outputs_stay_bit_identical(start_gen: C
     gen = start_gen()
     reference = gen.outputs()
     listening = _listening_ports()
-    new = _perturbed(gen.live_state(), 9)
+    new = perturbed(gen.live_state(), 9)
     plan = w.encode_push(new, 5)
     data = b"".join(bytes(p) for _, p in plan.payloads)
     cases: dict[str, tuple[Callable[[socket.socket, str], None], grpc.StatusCode]] = {
@@ -214,7 +169,7 @@ def test_bad_tcp_pushes_are_rejected_and_outputs_stay_bit_identical(start_gen: C
 def test_push_weights_over_tcp_to_two_generators_in_parallel(start_gen: Callable[[], Gen]) -> None:
     gens = [start_gen(), start_gen()]
     listening = _listening_ports()
-    new = _perturbed(gens[0].live_state(), 4)
+    new = perturbed(gens[0].live_state(), 4)
     results = push_weights([g.target for g in gens], new, 1, token=gens[0].token, transport="tcp")
     for gen in gens:
         result = results[gen.target]
@@ -245,14 +200,14 @@ def test_pushes_after_a_swap_recycle_staging_memory_and_failures_leave_the_swapp
     model = dict(gen.engine.model.named_parameters(remove_duplicate=False))
     state = gen.live_state()
     for version in (1, 2):
-        state = _perturbed(state, 20 + version)
+        state = perturbed(state, 20 + version)
         before = {n: p.data_ptr() for n, p in model.items()}
         push_plan(gen.target, w.encode_push(state, version), token=gen.token, transport="tcp")
         serving, outputs = gen.live_state(), gen.outputs()
         assert _same_bits(serving, state) and {o[2] for o in outputs} == {version}
         assert all(torch.equal(p, state[n]) for n, p in model.items() if n in state)  # the model's own
         assert all(p.data_ptr() != before[n] for n, p in model.items())  # taken over, not copied into
-        bad = w.encode_push(_perturbed(state, 30 + version), version + 10)
+        bad = w.encode_push(perturbed(state, 30 + version), version + 10)
         last = bytearray(bad.payloads[-1][1])
         last[-1] ^= 0xFF  # detected only once every byte has been staged
         bad.payloads[-1] = (bad.payloads[-1][0], memoryview(last))

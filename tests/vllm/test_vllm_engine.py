@@ -11,9 +11,8 @@ The tiny model here has 2 attention heads (head_dim 32): vLLM's CPU attention su
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,42 +27,30 @@ from flywheel.common.weight_push import push_messages, push_weights
 from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.engine import Cancellation, Sampling, sampling_distribution
 from flywheel.generator.server import build_server
-from flywheel.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from flywheel.v1 import common_pb2, generator_pb2
 from tests.conftest import auth
+from tests.generator_helpers import PROMPTS, Gen, check_pushes_never_mix_versions, outputs, perturbed, tokens
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
-PROMPTS = ["the movie was", "my day felt", "the food"]
 VLLM_TINY = TinySpec(num_attention_heads=2, num_key_value_heads=1)  # head_dim 64/2 = 32
 LOGPROB_ATOL = 2e-3  # vLLM's CPU kernels vs transformers' eager float32 forward
 
 
-@dataclasses.dataclass
-class Gen:
-    server: Any
-    stub: generator_pb2_grpc.GeneratorServiceStub
-    target: str
-    token: str
-    api_key: str
-    model_path: str
-
-    @property
-    def engine(self) -> Any:
-        return self.server.generator_servicer.engine
-
-    def generate(self, **kw: Any) -> generator_pb2.GenerateResponse:
-        prompts = kw.pop("prompts", PROMPTS)
-        sampling = kw.pop("sampling", {"temperature": 0.0, "max_new_tokens": 6})
-        request = generator_pb2.GenerateRequest(
-            prompts=[generator_pb2.Prompt(prompt_id=str(i), text=t) for i, t in enumerate(prompts)],
-            sampling=generator_pb2.SamplingParams(**sampling),
-            purpose=kw.pop("purpose", generator_pb2.REQUEST_PURPOSE_ROLLOUT),
-            **kw,
-        )
-        return self.stub.Generate(request, metadata=auth(self.api_key), timeout=120)
-
-    def version(self) -> int:
-        return self.stub.GetPolicy(generator_pb2.GetPolicyRequest(), metadata=auth(self.api_key)).policy_version
+@contextlib.contextmanager
+def _serving(config: GeneratorConfig, internal_token: str, api_key: str) -> Iterator[Gen]:
+    """Builds, starts, loads and readies a vLLM generator server and yields a client of it; closes
+    the channel and stops the server however the block ends (a failed start-up included)."""
+    server = build_server(config)
+    server.start()
+    try:
+        server.load()
+        server.set_ready()
+        with Gen.connect(server, internal_token, api_key, model_path=config.model, timeout=120,
+                         defaults={"purpose": generator_pb2.REQUEST_PURPOSE_ROLLOUT}) as client:  # fmt: skip
+            yield client
+    finally:
+        server.stop(0)
 
 
 @pytest.fixture(scope="module")
@@ -87,37 +74,8 @@ def gen(redis_url: str, internal_token: str, api_key: str, api_keys_file: str,
         vllm_max_lora_rank=8,
         vllm_max_loras=2,
     )
-    server = build_server(config)
-    server.start()
-    try:
-        server.load()
-        server.set_ready()
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-        yield Gen(server, generator_pb2_grpc.GeneratorServiceStub(channel), f"127.0.0.1:{server.port}",
-                  internal_token, api_key, path)  # fmt: skip
-        channel.close()
-    finally:
-        server.stop(0)
-
-
-def _outputs(response: generator_pb2.GenerateResponse) -> list[tuple[list[int], list[float], int]]:
-    return [(list(c.token_ids), list(c.logprobs), c.policy_version) for r in response.results for c in r.completions]
-
-
-def _tokens(response: generator_pb2.GenerateResponse) -> list[list[int]]:
-    return [o[0] for o in _outputs(response)]
-
-
-def _live_state(gen: Gen) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in gen.engine.weights_for_push().items()}
-
-
-def _perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """New weights whose greedy output differs clearly from others' (lm_head scaled: big margins)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in state.items()}
-    out["lm_head.weight"] = out["lm_head.weight"] * 20
-    return out
+    with _serving(config, internal_token, api_key) as client:
+        yield client
 
 
 def _reference(gen: Gen, state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor] | None = None,
@@ -171,15 +129,15 @@ def test_outputs_carry_tokens_logprobs_version_matching_a_forward_pass(gen: Gen,
         for c in result.completions:
             assert c.policy_version == version
             assert c.finish_reason in (common_pb2.FINISH_REASON_EOS, common_pb2.FINISH_REASON_LENGTH)
-    _check_against(_reference(gen, _live_state(gen)), response, sampling)
+    _check_against(_reference(gen, gen.live_state()), response, sampling)
     policy = gen.stub.GetPolicy(generator_pb2.GetPolicyRequest(), metadata=auth(gen.api_key))
-    assert policy.engine == "vllm" and policy.parameter_count == sum(t.numel() for t in _live_state(gen).values())
+    assert policy.engine == "vllm" and policy.parameter_count == sum(t.numel() for t in gen.live_state().values())
 
 
 def test_seeded_sampling_replays_stream_matches_unary_and_stop_strings_cut(gen: Gen) -> None:
     sampling: dict[str, Any] = {"temperature": 1.0, "max_new_tokens": 8, "seed": 7}
-    first = _outputs(gen.generate(sampling=sampling))
-    assert first == _outputs(gen.generate(sampling=sampling))
+    first = outputs(gen.generate(sampling=sampling))
+    assert first == outputs(gen.generate(sampling=sampling))
     request = generator_pb2.GenerateStreamRequest(
         prompt=generator_pb2.Prompt(text=PROMPTS[0]), sampling=generator_pb2.SamplingParams(**sampling)
     )
@@ -239,7 +197,7 @@ def test_cancelled_call_is_aborted_and_the_engine_keeps_serving(gen: Gen) -> Non
     with pytest.raises(grpc.RpcError) as err:
         list(call)
     assert err.value.code() == grpc.StatusCode.CANCELLED
-    assert all(len(t) == 6 for t in _tokens(gen.generate()))
+    assert all(len(t) == 6 for t in tokens(gen.generate()))
     # What the servicer's cancel callback does, seen from the engine: the request ends 'aborted'.
     cancellation = Cancellation()
     ids = gen.engine.tokenize(text=PROMPTS[0])
@@ -258,11 +216,11 @@ def test_full_then_delta_push_change_outputs_and_bump_version(gen: Gen) -> None:
     sampling = {"temperature": 1.0, "max_new_tokens": 6, "seed": 5}
     v0 = gen.version()
     before = gen.generate()
-    v1 = _perturbed(_live_state(gen), 1)
+    v1 = perturbed(gen.live_state(), 1)
     result = push_weights([gen.target], v1, v0 + 1, token=gen.token, metadata={"step": "10"})[gen.target]
     assert (result.version, result.previous_version) == (v0 + 1, v0)
     after_full = gen.generate()
-    assert {o[2] for o in _outputs(after_full)} == {v0 + 1} and _tokens(after_full) != _tokens(before)
+    assert {o[2] for o in outputs(after_full)} == {v0 + 1} and tokens(after_full) != tokens(before)
     _check_against(_reference(gen, v1), gen.generate(sampling=sampling), sampling)
     policy = gen.stub.GetPolicy(generator_pb2.GetPolicyRequest(), metadata=auth(gen.api_key))
     assert (policy.policy_version, dict(policy.metadata)) == (v0 + 1, {"step": "10"})
@@ -276,7 +234,7 @@ def test_full_then_delta_push_change_outputs_and_bump_version(gen: Gen) -> None:
     assert result.version == v0 + 2 and result.tensors_updated == 2
     assert all(torch.equal(gen.engine.weights_for_push()[k], v2[k]) for k in v2)
     after_delta = gen.generate(sampling=sampling)
-    assert {o[2] for o in _outputs(after_delta)} == {v0 + 2}
+    assert {o[2] for o in outputs(after_delta)} == {v0 + 2}
     _check_against(_reference(gen, v2), after_delta, sampling)
     _check_against(_reference(gen, v2), gen.generate(), {"temperature": 0.0})
 
@@ -308,56 +266,18 @@ def _bad_pushes(state: dict[str, torch.Tensor], version: int) -> dict[str, tuple
 def test_every_bad_push_is_rejected_and_outputs_stay_bit_identical(gen: Gen) -> None:
     version = gen.version()
     seeded = {"temperature": 0.8, "seed": 3, "max_new_tokens": 6}
-    reference = (_outputs(gen.generate()), _outputs(gen.generate(sampling=seeded)))
-    new = _perturbed(_live_state(gen), 9)
+    reference = (outputs(gen.generate()), outputs(gen.generate(sampling=seeded)))
+    new = perturbed(gen.live_state(), 9)
     for reason, (messages, code) in _bad_pushes(new, version).items():
         with pytest.raises(grpc.RpcError) as err:
             push_messages(gen.target, iter(messages), token=gen.token)
         assert err.value.code() == code and err.value.details().startswith(reason), err.value.details()
         assert gen.version() == version
-        assert (_outputs(gen.generate()), _outputs(gen.generate(sampling=seeded))) == reference, reason
+        assert (outputs(gen.generate()), outputs(gen.generate(sampling=seeded))) == reference, reason
 
 
 def test_concurrent_generation_during_pushes_never_mixes_versions(gen: Gen) -> None:
-    base = _live_state(gen)
-    states = {s: _perturbed(base, s) for s in (1, 2, 3)}
-    v0 = gen.version()
-    state_of: dict[int, int] = {v0: 0}
-    refs: dict[int, list[list[int]]] = {0: _tokens(gen.generate())}
-    for s, state in states.items():  # reference greedy output of each state, served alone
-        push_weights([gen.target], state, v0 + s, token=gen.token)
-        refs[s] = _tokens(gen.generate())
-        state_of[v0 + s] = s
-    assert len({tuple(map(tuple, r)) for r in refs.values()}) == 4, "states must be distinguishable"
-    seen: list[list[tuple[list[int], list[float], int]]] = []
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def caller() -> None:
-        try:
-            while not stop.is_set() or len(seen) < 8:
-                seen.append(_outputs(gen.generate()))
-        except BaseException as exc:
-            errors.append(exc)
-            raise
-
-    threads = [threading.Thread(target=caller) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        for step in range(6):  # cycle through the states again under load
-            version = v0 + 4 + step
-            assert push_weights([gen.target], states[step % 3 + 1], version, token=gen.token)[gen.target].version == version
-            state_of[version] = step % 3 + 1
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=300)
-    assert not errors
-    assert len({o[2] for outputs in seen for o in outputs}) > 1, "pushes landed while generating"
-    for outputs in seen:
-        for index, (tokens, _logprobs, version) in enumerate(outputs):
-            assert tokens == refs[state_of[version]][index], f"version {version} output made by other weights"
+    check_pushes_never_mix_versions(gen, join_timeout=300, require_overlap=True)
 
 
 # --- LoRA -----------------------------------------------------------------------------------------
@@ -372,16 +292,16 @@ def test_lora_push_loads_an_adapter_used_by_name_then_removed(gen: Gen) -> None:
     adapter = {k: v.detach().clone() * 50 for k, v in get_peft_model_state_dict(peft_model).items()}
     spec = common_pb2.LoraAdapterSpec(adapter_name="style", adapter_config_json=json.dumps(config.to_dict(), default=list))
     version = gen.version()
-    base_before = _tokens(gen.generate())
+    base_before = tokens(gen.generate())
     result = push_messages(gen.target, w.iter_push_messages(adapter, version + 1, kind=w.LORA, lora=spec), token=gen.token)
     assert result.version == version + 1
     assert list(gen.stub.GetPolicy(generator_pb2.GetPolicyRequest(), metadata=auth(gen.api_key)).adapter_names) == ["style"]
     with_adapter = gen.generate(adapter_name="style")
-    assert _tokens(with_adapter) != base_before
+    assert tokens(with_adapter) != base_before
     sampling = {"temperature": 1.0, "max_new_tokens": 6, "seed": 11}
-    reference = _reference(gen, _live_state(gen), adapter, config)
+    reference = _reference(gen, gen.live_state(), adapter, config)
     _check_against(reference, gen.generate(adapter_name="style", sampling=sampling), sampling)
-    assert _tokens(gen.generate()) == base_before  # the base policy is unaffected
+    assert tokens(gen.generate()) == base_before  # the base policy is unaffected
 
     bad = dict(list(adapter.items())[1:])  # one lora_A missing
     broken = common_pb2.LoraAdapterSpec(adapter_name="broken", adapter_config_json=spec.adapter_config_json)
@@ -394,7 +314,7 @@ def test_lora_push_loads_an_adapter_used_by_name_then_removed(gen: Gen) -> None:
     with pytest.raises(grpc.RpcError) as err:
         gen.generate(adapter_name="style")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _tokens(gen.generate()) == base_before
+    assert tokens(gen.generate()) == base_before
 
 
 # --- GPU: the official vllm package ---------------------------------------------------------------
@@ -413,19 +333,9 @@ def test_official_vllm_on_gpu_serves_and_swaps(tmp_path: Path, redis_url: str, i
         api_keys_file=api_keys_file, redis_url=redis_url, data_dir=str(tmp_path), grace_seconds=2.0,
         gpu_memory_utilization=0.3, vllm_max_model_len=512, vllm_max_lora_rank=8,
     )  # fmt: skip
-    server = build_server(config)
-    server.start()
-    try:
-        server.load()
-        server.set_ready()
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-        g = Gen(server, generator_pb2_grpc.GeneratorServiceStub(channel), f"127.0.0.1:{server.port}",
-                internal_token, api_key, path)  # fmt: skip
+    with _serving(config, internal_token, api_key) as g:
         sampling = {"temperature": 1.0, "max_new_tokens": 6, "seed": 1}
-        _check_against(_reference(g, _live_state(g)), g.generate(sampling=sampling), sampling)
-        new = _perturbed(_live_state(g), 1)
+        _check_against(_reference(g, g.live_state()), g.generate(sampling=sampling), sampling)
+        new = perturbed(g.live_state(), 1)
         assert push_weights([g.target], new, 1, token=g.token)[g.target].version == 1
         _check_against(_reference(g, new), g.generate(sampling=sampling), sampling)
-        channel.close()
-    finally:
-        server.stop(0)
