@@ -58,7 +58,7 @@ class ReceiverServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.version = 0
 
     def PushWeights(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        receiver = WeightReceiver(self.live, self.version, 1 << 40)
+        receiver = WeightReceiver(self.live, self.version, 1 << 40, side_channel=True)
         try:
             staged = receive_push(request_iterator, context, receiver, bind_host="127.0.0.1")
         except WeightPushError as exc:

@@ -46,7 +46,8 @@ def receive_push(
 ) -> StagedWeights:
     """Feeds a whole PushWeights stream (generator or reward requests: a ``message`` oneof of
     manifest/chunk/commit) to ``receiver``, taking the bytes of a TCP push over the side channel,
-    and returns the verified push. Raises WeightPushError."""
+    and returns the verified push (``receiver`` built with ``side_channel=True`` takes TCP
+    manifests). Raises WeightPushError."""
     for request in request_iterator:
         which = request.WhichOneof("message")
         if which is None:
@@ -57,8 +58,8 @@ def receive_push(
 
 def feed(receiver: WeightReceiver, kind: str, message: Any, context: Any, bind_host: str) -> None:
     """``receiver.feed(kind, message)``; after a TCP manifest it also receives every tensor's bytes
-    over the side channel before returning (the commit follows on the stream)."""
-    receiver.side_channel = True
+    over the side channel before returning (the commit follows on the stream). The receiver takes
+    TCP manifests only if built with ``side_channel=True``."""
     receiver.feed(kind, message)
     if kind == "manifest" and message.transport == common_pb2.WEIGHT_TRANSPORT_TCP:
         receive_over_tcp(receiver, context, bind_host)

@@ -27,6 +27,7 @@ import threading
 import time
 import weakref
 import zlib
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,8 +477,8 @@ class _Slot:
     shape: tuple[int, ...]
     buffer: memoryview  # writable staging bytes; only the first ``received`` are meaningful
     received: int = 0
-    hasher: Any = None  # RAW tensors: streaming checksum of the bytes checked so far
-    checked: int = 0  # RAW tensors: bytes already hashed and finite-checked
+    hasher: Any = None  # RAW tensors with a checksum: streaming checksum of the bytes checked so far
+    checked: int = 0  # RAW tensors with a checksum: bytes already hashed and finite-checked
 
 
 class StagingPool:
@@ -487,7 +488,12 @@ class StagingPool:
     nothing references a buffer or tensor made from it (``weakref.finalize`` on the numpy view
     they all hold), so reuse never aliases live data; at most ``max_bytes`` are kept idle, the
     oldest size classes evicted first. Blocks are uninitialised: every staged byte is written and
-    checksummed before use."""
+    checksummed before use.
+
+    The finalizer never waits for the lock: it may run inside any allocation, the pool's own locked
+    sections included (the cycle collector), on the thread that holds the lock. It only queues the
+    block (``deque.append`` is atomic) and moves the queue into the idle lists if the lock is free;
+    whoever holds the lock moves it before and after (``_drain``, ``_drain_if_free``)."""
 
     MIN_BYTES = 1 << 20  # smaller buffers come from the heap without page faults
 
@@ -496,20 +502,27 @@ class StagingPool:
         self._idle: dict[int, list[torch.Tensor]] = {}  # size -> blocks, oldest size class first
         self._idle_bytes = 0
         self._lock = threading.Lock()
+        self._returned: deque[torch.Tensor] = deque()  # given back, not yet in _idle
 
     @property
     def idle_bytes(self) -> int:
-        return self._idle_bytes
+        with self._lock:
+            self._drain()
+            idle = self._idle_bytes
+        self._drain_if_free()
+        return idle
 
     def take(self, nbytes: int) -> memoryview:
         """A writable buffer of ``nbytes`` (contents undefined), aligned for any dtype view."""
         block = None
         if nbytes >= self.MIN_BYTES:
             with self._lock:
+                self._drain()
                 blocks = self._idle.get(nbytes)
                 if blocks:
                     block = blocks.pop()
                     self._idle_bytes -= nbytes
+            self._drain_if_free()
         if block is None:
             block = torch.empty(nbytes, dtype=torch.uint8)
         array = block.numpy()
@@ -518,10 +531,26 @@ class StagingPool:
         return array.data.cast("B")
 
     def _give_back(self, block: torch.Tensor) -> None:
-        nbytes = block.numel()
-        if nbytes > self.max_bytes:
+        if block.numel() > self.max_bytes:
             return
-        with self._lock:
+        self._returned.append(block)
+        self._drain_if_free()
+
+    def _drain_if_free(self) -> None:
+        """Drains the returned blocks unless the lock is held: its holder (maybe this very thread,
+        in a finalizer run inside its locked section) drains them once it lets go."""
+        while self._returned and self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        """Moves the returned blocks into the idle lists, evicting the oldest size classes past
+        ``max_bytes``. Call with the lock held."""
+        while self._returned:
+            block = self._returned.popleft()
+            nbytes = block.numel()
             while self._idle_bytes + nbytes > self.max_bytes:
                 size, blocks = next(iter(self._idle.items()))
                 blocks.pop()
@@ -545,7 +574,12 @@ class WeightReceiver:
     and the base of deltas). Feed it every message of the stream in order, then call ``finish``."""
 
     def __init__(
-        self, current: Mapping[str, torch.Tensor], current_version: int, max_total_bytes: int
+        self,
+        current: Mapping[str, torch.Tensor],
+        current_version: int,
+        max_total_bytes: int,
+        *,
+        side_channel: bool = False,
     ) -> None:
         self.current = current
         self.current_version = current_version
@@ -556,10 +590,10 @@ class WeightReceiver:
         self._chunks = 0
         self._bytes = 0
         self._committed = False
-        # Set by weight_channel.feed, which carries a TCP push's bytes. A servicer that feeds the
-        # receiver itself rejects TCP manifests at once, rather than leave the pusher waiting for
-        # a side channel nobody offers.
-        self.side_channel = False
+        # True where the bytes of a TCP push are carried (weight_channel.feed / receive_push). A
+        # receiver without it rejects TCP manifests at once, rather than leave the pusher waiting
+        # for a side channel nobody offers.
+        self.side_channel = side_channel
 
     @property
     def bytes_received(self) -> int:
@@ -650,8 +684,8 @@ class WeightReceiver:
             for spec in specs:
                 slot = _Slot(spec, proto_to_torch_dtype(spec.dtype), tuple(spec.shape),
                              STAGING_POOL.take(spec.encoded_nbytes))  # fmt: skip
-                if spec.encoding in (RAW, 0):  # the payload is the result: verify it as it arrives
-                    slot.hasher = _hasher(algorithm)
+                if spec.encoding in (RAW, 0) and spec.checksum:  # the payload is the result:
+                    slot.hasher = _hasher(algorithm)  # verify it as it arrives
                 self._slots[spec.name] = slot
 
     def _check_specs(self, specs: list[common_pb2.TensorSpec], kind: int, uri: bool) -> None:
@@ -711,19 +745,15 @@ class WeightReceiver:
         """Hashes and finite-checks a RAW tensor's newly arrived whole elements; compares the
         checksum as soon as the tensor is complete (a bad tensor fails the push early)."""
         if slot.hasher is None:
-            return  # delta encodings are verified after decoding, in finish
+            return  # delta encodings (and a RAW tensor without checksum) are verified in finish
         itemsize = slot.dtype.itemsize
         end = slot.received - slot.received % itemsize
         if end > slot.checked:
             piece = slot.buffer[slot.checked : end]
             floats = _NON_FINITE.get(slot.dtype)
             bits = np.frombuffer(piece, dtype=floats[0]) if floats else None
-            for start in range(0, piece.nbytes, _VERIFY_BLOCK):  # one pass over memory, not two
-                slot.hasher.update(piece[start : start + _VERIFY_BLOCK])
-                if bits is not None and not _finite_bits(
-                    bits[start // itemsize : (start + _VERIFY_BLOCK) // itemsize], slot.dtype
-                ):
-                    raise WeightPushError("non_finite", f"{slot.spec.name}: contains NaN or Inf")
+            if not _scan(piece, bits, slot.dtype, slot.hasher):
+                raise WeightPushError("non_finite", f"{slot.spec.name}: contains NaN or Inf")
             slot.checked = end
         if slot.checked == slot.spec.encoded_nbytes:
             _compare_checksum(slot.spec.name, slot.hasher.hexdigest(), slot.spec.checksum)
@@ -926,10 +956,23 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     """Exact NaN/Inf check of a float tensor, in numpy, single-threaded, a cache-sized block at a
     time: torch's reductions fan out to OpenMP threads, which crawl (~0.3 GB/s) when the cores
     are oversubscribed, as they are on a busy 2-core server."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    bits = flat.view(_BITS[flat.element_size()]).numpy()
-    step = _VERIFY_BLOCK // flat.element_size()
-    return all(_finite_bits(bits[start : start + step], tensor.dtype) for start in range(0, bits.size, step))
+    bits = _bits(tensor).numpy()
+    return _scan(memoryview(bits).cast("B"), bits, tensor.dtype)
+
+
+def _scan(data: memoryview, bits: np.ndarray | None, dtype: torch.dtype, hasher: Any = None) -> bool:
+    """One pass over ``data`` (whole elements of ``dtype``), a cache-sized block at a time: each
+    block goes to ``hasher`` (if any), then, while still in cache, its floats are checked through
+    ``bits`` (their signed-integer view; None: no check). Whether every float checked is finite."""
+    itemsize = dtype.itemsize
+    for start in range(0, data.nbytes, _VERIFY_BLOCK):
+        if hasher is not None:
+            hasher.update(data[start : start + _VERIFY_BLOCK])
+        if bits is not None and not _finite_bits(
+            bits[start // itemsize : (start + _VERIFY_BLOCK) // itemsize], dtype
+        ):
+            return False
+    return True
 
 
 def _finite_bits(bits: np.ndarray, dtype: torch.dtype) -> bool:

@@ -135,7 +135,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     # --- PushWeights / GetPolicy -------------------------------------------------------------------
     def PushWeights(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         receiver = WeightReceiver(
-            self.engine.weights_for_push(), self.engine.policy_version, self.config.max_push_bytes
+            self.engine.weights_for_push(),
+            self.engine.policy_version,
+            self.config.max_push_bytes,
+            side_channel=True,
         )
         try:  # bytes on the stream, or over the TCP side channel the manifest asks for
             staged = receive_push(request_iterator, context, receiver, bind_host=self.config.host)

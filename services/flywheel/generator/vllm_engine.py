@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import torch
 
 from flywheel.common.tiny_models import resolve_model
-from flywheel.common.weights import StagedWeights, WeightPushError
+from flywheel.common.weights import StagedWeights, WeightPushError, swap_in
 from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.engine import (
     Cancellation,
@@ -464,16 +464,18 @@ class VllmEngine(QueuedEngine):
         if staged.kind == "lora":
             self._load_adapter(staged)
         else:
-            self._reload(staged.tensors)
+            self._reload(staged)
         self._version = staged.version
         self._metadata = dict(staged.metadata)
         self._last_push = datetime.now(timezone.utc)
         return SwapResult(staged.version, previous, len(staged.tensors), self._last_push)
 
-    def _reload(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Loads ``tensors`` (checkpoint names) into vLLM, whole decoder blocks at a time, then
-        into the CPU copy. If vLLM fails part-way, the touched blocks are reloaded from the CPU
-        copy (still the old version) so the old version keeps serving."""
+    def _reload(self, staged: StagedWeights) -> None:
+        """Loads the pushed tensors (checkpoint names) into vLLM, whole decoder blocks at a time,
+        then into the CPU copy (``swap_in``: it takes over the staged memory where it can). If vLLM
+        fails part-way, the touched blocks are reloaded from the CPU copy (still the old version)
+        so the old version keeps serving."""
+        tensors = staged.tensors
         blocks = {_block(name) for name in tensors}
         names = [name for name in self._weights if _block(name) in blocks]
         new = {name: tensors.get(name, self._weights[name]) for name in names}
@@ -487,9 +489,7 @@ class VllmEngine(QueuedEngine):
             log.exception("vLLM weight reload failed: restoring the serving version")
             self._send({name: self._weights[name] for name in names})
             raise WeightPushError("reload_failed", f"vLLM could not load the weights: {exc}") from exc
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                self._weights[name].copy_(tensor)
+        swap_in(self._weights, staged)
 
     def _send(self, tensors: Mapping[str, torch.Tensor]) -> None:
         from safetensors.torch import save

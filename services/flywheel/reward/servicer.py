@@ -165,7 +165,7 @@ class RewardServicer:
         Messages are read on the loop; staging them (hashing, the TCP side channel) runs in a worker
         thread, one message at a time, so scoring goes on meanwhile."""
         state, version = await asyncio.to_thread(self.core.weights_snapshot)
-        receiver = WeightReceiver(state, version, self.core.config.max_push_bytes)
+        receiver = WeightReceiver(state, version, self.core.config.max_push_bytes, side_channel=True)
         blocking_context = ThreadContext(context, asyncio.get_running_loop())
         async for request in request_iterator:
             if isinstance(request, Malformed):

@@ -94,7 +94,7 @@ def _requests(plan: w.PushPlan) -> list[Any]:
 
 
 def _receive(plan: w.PushPlan, context: FakeContext, current: dict[str, torch.Tensor]) -> w.StagedWeights:
-    receiver = w.WeightReceiver(current, 0, 1 << 30)
+    receiver = w.WeightReceiver(current, 0, 1 << 30, side_channel=True)
     try:
         return wc.receive_push(iter(_requests(plan)), context, receiver, bind_host="127.0.0.1")
     finally:
@@ -206,8 +206,7 @@ def test_grpc_stream_pushes_pass_through_unchanged() -> None:
 
 def _tcp_receiver(state: dict[str, torch.Tensor]) -> tuple[w.WeightReceiver, w.PushPlan]:
     plan = w.encode_push(state, 1)
-    receiver = w.WeightReceiver(_state(0), 0, 1 << 30)
-    receiver.side_channel = True  # what weight_channel.feed does
+    receiver = w.WeightReceiver(_state(0), 0, 1 << 30, side_channel=True)
     receiver.feed("manifest", _requests(plan)[0].manifest)
     return receiver, plan
 
@@ -265,6 +264,43 @@ def test_staging_memory_is_reused_only_once_nothing_references_it() -> None:
         pool.take(3 << 20)
     gc.collect()
     assert pool.idle_bytes <= 8 << 20
+
+
+def test_staging_pool_finalizer_run_inside_its_own_locked_section_returns() -> None:
+    """The cycle collector may run a buffer's finalizer on a thread that holds the pool's lock (any
+    allocation in a locked section can trigger it): giving the block back must not wait for the
+    lock, and the block must still reach the idle lists."""
+    pool = w.StagingPool(max_bytes=8 << 20)
+    holder: list[Any] = [pool.take(2 << 20)]
+    holder.append(holder)  # a reference cycle: only the cycle collector frees the buffer
+    address = torch.frombuffer(holder[0], dtype=torch.uint8).data_ptr()
+
+    def collect_while_locked() -> None:
+        with pool._lock:
+            gc.collect()  # finalizes the buffer -> pool._give_back on this very thread
+
+    gc.disable()  # no collection before we hold the lock
+    try:
+        del holder
+        worker = threading.Thread(target=collect_while_locked, daemon=True)
+        worker.start()
+        worker.join(10)
+    finally:
+        gc.enable()
+    assert not worker.is_alive(), "the pool's finalizer deadlocked on its own lock"
+    assert pool.idle_bytes == 2 << 20
+    again = pool.take(2 << 20)
+    assert torch.frombuffer(again, dtype=torch.uint8).data_ptr() == address and pool.idle_bytes == 0
+
+
+def test_only_a_receiver_built_with_side_channel_takes_tcp_manifests_from_feed() -> None:
+    manifest = _requests(w.encode_push(_state(1), 1))[0].manifest
+    plain = w.WeightReceiver(_state(0), 0, 1 << 30)
+    with pytest.raises(w.WeightPushError, match="transport 3 is not supported here: use GRPC_STREAM or URI"):
+        wc.feed(plain, "manifest", manifest, FakeContext(None), "127.0.0.1")
+    receiver = w.WeightReceiver(_state(0), 0, 1 << 30, side_channel=True)
+    receiver.feed("manifest", manifest)  # the receiver's part of weight_channel.feed
+    assert [name for name, _ in receiver.side_channel_buffers()] == list(_state(1))
 
 
 def test_finite_check_is_exact_for_every_16_bit_pattern() -> None:
