@@ -193,11 +193,67 @@ class Engine(abc.ABC):
             listener(what, value)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The ``dtype`` config values an engine loads weights in."""
+
+
 class QueuedEngine(Engine):
     """An engine whose requests become queued units (one per completion) that an engine thread
     finishes: generate and stream are the same for every such engine; each engine says how to make
     its units and how to queue them. A unit has ``done`` (an Event), ``result()``, and the
-    ``on_delta``/``on_error`` callbacks streaming uses."""
+    ``on_delta``/``on_error`` callbacks streaming uses.
+
+    Prompts, the version and ``policy()`` are the same too, from what every such engine keeps:
+    ``config``, ``model_id``, a Hugging Face ``tokenizer``, ``_version``, ``_weights`` (the push
+    base), ``_metadata`` and ``_last_push`` of the version serving."""
+
+    config: Any
+    model_id: str
+    tokenizer: Any
+    _version: int
+    _weights: dict[str, torch.Tensor]
+    _metadata: dict[str, str]
+    _last_push: datetime | None
+
+    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
+        if chat is not None:
+            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return [int(i) for i in self.tokenizer.encode(text or "", add_special_tokens=False)]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=False))
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    @abc.abstractmethod
+    def _adapter_names(self) -> list[str]:
+        """The LoRA adapters loaded now, sorted."""
+
+    def policy(self) -> PolicyInfo:
+        return PolicyInfo(
+            version=self._version,
+            model_id=self.model_id,
+            engine=self.name,
+            dtype=self.config.dtype,
+            parameter_count=sum(t.numel() for t in self._weights.values()),
+            last_push_time=self._last_push,
+            adapter_names=self._adapter_names(),
+            metadata=dict(self._metadata),
+        )
+
+    @staticmethod
+    def _check_context(prompt_tokens: int, max_new_tokens: int, limit: int | None) -> None:
+        """InvalidRequest when a prompt and its completion cannot fit the model's context."""
+        if limit and prompt_tokens + max_new_tokens > limit:
+            raise InvalidRequest(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's context of {limit}"
+            )
 
     @abc.abstractmethod
     def _units(self, prompt_ids: list[int], sampling: Sampling, adapter: str, cancellation: Cancellation) -> list[Any]:

@@ -27,11 +27,11 @@ from flywheel.common.weights import StagedWeights, swap_in
 from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.decode import Sequence, sample_rows
 from flywheel.generator.engine import (
+    DTYPES,
     Cancellation,
     EngineOverloaded,
     EngineStopped,
     InvalidRequest,
-    PolicyInfo,
     QueuedEngine,
     Sampling,
     SwapResult,
@@ -39,8 +39,6 @@ from flywheel.generator.engine import (
 from flywheel.generator.lora import LoraAdapters
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TransformersEngine(QueuedEngine):
@@ -70,7 +68,7 @@ class TransformersEngine(QueuedEngine):
 
         path = resolve_model(self.config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[self.config.dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.config.dtype])
         self.model = model.to(self.config.device).eval()
         # Live tensors by checkpoint name: the model's own Parameters and buffers (the same objects
         # also after LoRA wrapping, which keeps the base modules), so a push can hand its staged
@@ -98,23 +96,8 @@ class TransformersEngine(QueuedEngine):
             self._thread.join(timeout=30)
 
     # --- prompts ---------------------------------------------------------------------------------
-    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
-        if chat is not None:
-            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        return [int(i) for i in self.tokenizer(text or "", add_special_tokens=False)["input_ids"]]
-
-    def decode(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=False))
-
     def vocab_size(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[0])
-
-    @property
-    def policy_version(self) -> int:
-        return self._version
 
     # --- requests --------------------------------------------------------------------------------
     def _submit(self, seqs: list[Sequence]) -> None:
@@ -122,11 +105,7 @@ class TransformersEngine(QueuedEngine):
             raise InvalidRequest(f"adapter_name={seqs[0].adapter!r} is not loaded: push it as a LoRA first")
         limit = getattr(self.model.config, "max_position_embeddings", None)
         for seq in seqs:
-            if limit and len(seq.prompt_ids) + seq.sampling.max_new_tokens > limit:
-                raise InvalidRequest(
-                    f"prompt ({len(seq.prompt_ids)} tokens) + max_new_tokens "
-                    f"({seq.sampling.max_new_tokens}) exceeds the model's context of {limit}"
-                )
+            self._check_context(len(seq.prompt_ids), seq.sampling.max_new_tokens, limit)
         with self._cond:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the generator is not running")
@@ -261,17 +240,8 @@ class TransformersEngine(QueuedEngine):
             self._last_push = datetime.now(timezone.utc)
             return SwapResult(staged.version, previous, len(staged.tensors), self._last_push)
 
-    def policy(self) -> PolicyInfo:
-        return PolicyInfo(
-            version=self._version,
-            model_id=self.model_id,
-            engine=self.name,
-            dtype=self.config.dtype,
-            parameter_count=sum(t.numel() for t in self._weights.values()),
-            last_push_time=self._last_push,
-            adapter_names=sorted(self._adapters.names) if self._adapters else [],
-            metadata=dict(self._metadata),
-        )
+    def _adapter_names(self) -> list[str]:
+        return sorted(self._adapters.names) if self._adapters else []
 
 
 def _model_tensors(model: Any, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:

@@ -40,12 +40,12 @@ from flywheel.common.tiny_models import resolve_model
 from flywheel.common.weights import StagedWeights, WeightPushError, swap_in
 from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.engine import (
+    DTYPES,
     Cancellation,
     Completion,
     EngineOverloaded,
     EngineStopped,
     InvalidRequest,
-    PolicyInfo,
     QueuedEngine,
     Sampling,
     StreamDelta,
@@ -55,7 +55,6 @@ from flywheel.generator.engine import (
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WORKER_EXTENSION = "flywheel.generator.vllm_worker.WeightUpdateExtension"
 # vLLM rebuilds a partially reloaded layer from uninitialised memory, and fuses checkpoint tensors
 # (q/k/v, gate/up) inside a decoder block: a delta reloads every tensor of each block it touches.
@@ -199,7 +198,7 @@ class VllmEngine(QueuedEngine):
         self._thread.start()
         ready.result()
         tied = bool(getattr(self._core.model_config.hf_config, "tie_word_embeddings", False))
-        self._weights = _checkpoint_state(path, _DTYPES[self.config.dtype], tied)
+        self._weights = _checkpoint_state(path, DTYPES[self.config.dtype], tied)
         log.info("vllm engine: %s (%s, max_model_len=%d)", self.config.model, self.config.dtype, self._max_model_len)
 
     def _start_vllm(self, path: str) -> None:
@@ -260,23 +259,8 @@ class VllmEngine(QueuedEngine):
             task.future.set_exception(EngineStopped("the generator is shutting down"))
 
     # --- prompts ---------------------------------------------------------------------------------
-    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
-        if chat is not None:
-            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        return [int(i) for i in self.tokenizer.encode(text or "", add_special_tokens=False)]
-
-    def decode(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=False))
-
     def vocab_size(self) -> int:
         return self._vocab_size
-
-    @property
-    def policy_version(self) -> int:
-        return self._version
 
     # --- requests --------------------------------------------------------------------------------
     def _units(self, prompt_ids: list[int], sampling: Sampling, adapter: str,
@@ -313,11 +297,7 @@ class VllmEngine(QueuedEngine):
         if adapter and adapter not in self._adapters:
             raise InvalidRequest(f"adapter_name={adapter!r} is not loaded: push it as a LoRA first")
         for req in requests:
-            if len(req.prompt_ids) + req.params.max_tokens > self._max_model_len:
-                raise InvalidRequest(
-                    f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.params.max_tokens}) "
-                    f"exceeds the model's context of {self._max_model_len}"
-                )
+            self._check_context(len(req.prompt_ids), req.params.max_tokens, self._max_model_len)
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the generator is not running")
@@ -577,17 +557,8 @@ class VllmEngine(QueuedEngine):
 
         self._when_idle(remove)
 
-    def policy(self) -> PolicyInfo:
-        return PolicyInfo(
-            version=self._version,
-            model_id=self.model_id,
-            engine=self.name,
-            dtype=self.config.dtype,
-            parameter_count=sum(t.numel() for t in self._weights.values()),
-            last_push_time=self._last_push,
-            adapter_names=sorted(self._adapters),
-            metadata=dict(self._metadata),
-        )
+    def _adapter_names(self) -> list[str]:
+        return sorted(self._adapters)
 
 
 def _target_modules(targets: Any, weights: Mapping[str, torch.Tensor]) -> set[str] | None:
