@@ -3,38 +3,29 @@ its own parameters and seeded generator), stop/EOS/length checks, and stream del
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from flywheel.generator.engine import Cancellation, Completion, Sampling, StreamDelta, sampling_distribution
+from flywheel.generator.engine import (
+    Cancellation,
+    CompletionUnit,
+    Sampling,
+    StreamDelta,
+    sampling_distribution,
+)
 
 
-class Sequence:
+class Sequence(CompletionUnit):
     """One completion being generated: created by a request, advanced by the batcher thread."""
 
     def __init__(
         self, prompt_ids: list[int], sampling: Sampling, seed: int, adapter: str, cancellation: Cancellation
     ) -> None:
-        self.prompt_ids = prompt_ids
+        super().__init__(prompt_ids, adapter, cancellation)
         self.sampling = sampling
-        self.adapter = adapter
-        self.cancellation = cancellation
         self.generator = torch.Generator().manual_seed(seed)
-        self.token_ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.text = ""
-        self.finish_reason = ""
-        self.version = -1
         self.finished = False
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.enqueued_at = time.monotonic()
-        self.on_delta: Callable[[StreamDelta], None] | None = None
-        self.on_error: Callable[[BaseException], None] | None = None
         self._sent_tokens = 0
         self._sent_chars = 0
 
@@ -69,16 +60,8 @@ class Sequence:
         self._complete(reason, text)
 
     def fail(self, error: BaseException) -> None:
-        self.error = error
         self.finished = True
-        if self.on_error is not None:
-            self.on_error(error)
-        self.done.set()
-
-    def result(self) -> Completion:
-        if self.error is not None:
-            raise self.error
-        return Completion(list(self.token_ids), list(self.logprobs), self.text, self.finish_reason, self.version)
+        super().fail(error)
 
     # internals -----------------------------------------------------------------------------------
     def _complete(self, reason: str, text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -191,6 +192,38 @@ class Engine(abc.ABC):
     def _emit(self, what: str, value: float) -> None:
         for listener in getattr(self, "_listeners", []):
             listener(what, value)
+
+
+class CompletionUnit:
+    """One completion as a ``QueuedEngine`` queues it: what generate and stream read (``done``,
+    ``result()``, the ``on_delta``/``on_error`` callbacks) and the state every engine keeps for it;
+    each engine's unit adds how it is advanced."""
+
+    def __init__(self, prompt_ids: list[int], adapter: str, cancellation: Cancellation) -> None:
+        self.prompt_ids = prompt_ids
+        self.adapter = adapter
+        self.cancellation = cancellation
+        self.version = -1
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.finish_reason = ""
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.enqueued_at = time.monotonic()
+        self.on_delta: Callable[[StreamDelta], None] | None = None
+        self.on_error: Callable[[BaseException], None] | None = None
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        if self.on_error is not None:
+            self.on_error(error)
+        self.done.set()
+
+    def result(self) -> Completion:
+        if self.error is not None:
+            raise self.error
+        return Completion(list(self.token_ids), list(self.logprobs), self.text, self.finish_reason, self.version)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -42,7 +42,7 @@ from flywheel.generator.config import GeneratorConfig
 from flywheel.generator.engine import (
     DTYPES,
     Cancellation,
-    Completion,
+    CompletionUnit,
     EngineOverloaded,
     EngineStopped,
     InvalidRequest,
@@ -66,27 +66,15 @@ MIN_TEMPERATURE = 0.01
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight$")
 
 
-class _Request:
+class _Request(CompletionUnit):
     """One completion: created by an RPC thread, advanced by the engine thread."""
 
     def __init__(self, prompt_ids: list[int], params: Any, greedy: bool, adapter: str,
                  cancellation: Cancellation) -> None:  # fmt: skip
+        super().__init__(prompt_ids, adapter, cancellation)
         self.request_id = uuid.uuid4().hex
-        self.prompt_ids = prompt_ids
         self.params = params
         self.greedy = greedy
-        self.adapter = adapter
-        self.cancellation = cancellation
-        self.version = -1
-        self.token_ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.text = ""
-        self.finish_reason = ""
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.enqueued_at = time.monotonic()
-        self.on_delta: Callable[[StreamDelta], None] | None = None
-        self.on_error: Callable[[BaseException], None] | None = None
 
     def take(self, output: Any, finish_reason: str) -> int:
         """Appends one DELTA ``CompletionOutput``; returns the number of new tokens."""
@@ -114,16 +102,6 @@ class _Request:
             self.on_delta(StreamDelta([], [], "", self.version, "aborted"))
         self.done.set()
 
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        if self.on_error is not None:
-            self.on_error(error)
-        self.done.set()
-
-    def result(self) -> Completion:
-        if self.error is not None:
-            raise self.error
-        return Completion(list(self.token_ids), list(self.logprobs), self.text, self.finish_reason, self.version)
 
 
 class _Task:
