@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -174,11 +175,12 @@ class _ScorerSet:
     components: list[_Component]
     stats: RunningStats = field(default_factory=RunningStats)
 
-    @property
+    # Asked on every request; the components never change: worked out once.
+    @functools.cached_property
     def uses_model(self) -> bool:
         return any(c.rule is None for c in self.components)
 
-    @property
+    @functools.cached_property
     def blocking_rules(self) -> bool:
         return any(c.rule is not None and c.rule.blocking for c in self.components)
 
