@@ -61,11 +61,11 @@ def test_seeded_sampling_replays_and_stop_strings_cut_text(gen: Gen) -> None:
     sampling = {"temperature": 1.0, "max_new_tokens": 8, "seed": 7}
     assert outputs(gen.generate(sampling=sampling)) == outputs(gen.generate(sampling=sampling))
     first = gen.generate(prompts=PROMPTS[:1], sampling=sampling).results[0].completions[0]
-    stop = first.text[2:4] if len(first.text) >= 4 else None
-    if stop:
-        cut = gen.generate(prompts=PROMPTS[:1], sampling={**sampling, "stop": [stop]}).results[0].completions[0]
-        assert cut.finish_reason == common_pb2.FINISH_REASON_STOP
-        assert cut.text == first.text[: first.text.index(stop)]
+    assert len(first.text) >= 4, first.text  # seeded: a stop string is always taken from it
+    stop = first.text[2:4]
+    cut = gen.generate(prompts=PROMPTS[:1], sampling={**sampling, "stop": [stop]}).results[0].completions[0]
+    assert cut.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert cut.text == first.text[: first.text.index(stop)]
 
 
 def test_completion_log_for_production_not_for_rollouts(gen: Gen, redis_client: Any) -> None:

@@ -17,12 +17,17 @@ from flywheel_client import AsyncFlywheelClient, ClientConfig, FlywheelClient, F
 
 
 @pytest.fixture
-def cluster(
-    start_server: Callable[..., Any], server_config: dict[str, Any], tiny_llama_path: str, api_key: str,
-    redis_client: Any,
-) -> ClientConfig:  # fmt: skip
+def servers(
+    start_server: Callable[..., Any], server_config: dict[str, Any], tiny_llama_path: str, redis_client: Any,
+) -> tuple[Any, Any]:  # fmt: skip
+    """(generator, feedback) servers, in this process."""
     generator = start_server(build_generator, GeneratorConfig(**server_config, model=tiny_llama_path))
-    feedback = start_server(build_feedback, FeedbackConfig(**server_config))
+    return generator, start_server(build_feedback, FeedbackConfig(**server_config))
+
+
+@pytest.fixture
+def cluster(servers: tuple[Any, Any], api_key: str) -> ClientConfig:
+    generator, feedback = servers
     return ClientConfig(generator_address=f"127.0.0.1:{generator.port}",
                         feedback_address=f"127.0.0.1:{feedback.port}", api_key=api_key, timeout_s=60)
 
@@ -54,11 +59,13 @@ def test_stream_matches_unary_with_the_same_seed(cluster: ClientConfig) -> None:
     assert len({c.completion_id for c in chunks}) == 1
 
 
-def test_bad_generate_request_is_a_typed_error_not_a_retry(cluster: ClientConfig) -> None:
+def test_bad_generate_request_is_a_typed_error_not_a_retry(cluster: ClientConfig, servers: tuple[Any, Any]) -> None:
     with FlywheelClient(cluster) as fw, pytest.raises(FlywheelError) as err:
         fw.generate("x", max_new_tokens=100_000)
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert "max_new_tokens" in err.value.details
+    refused = {"method": "Generate", "code": "INVALID_ARGUMENT"}
+    assert servers[0].registry.get_sample_value("flywheel_generator_rpc_requests_total", refused) == 1  # one try
 
 
 async def test_async_client_generates_and_rates(cluster: ClientConfig) -> None:

@@ -147,11 +147,11 @@ def test_seeded_sampling_replays_stream_matches_unary_and_stop_strings_cut(gen: 
     assert [t for s in steps for t in s.token_ids] == list(unary.token_ids)
     assert [p for s in steps for p in s.logprobs] == list(unary.logprobs)
     assert "".join(s.text_delta for s in steps) == unary.text
-    stop = unary.text[2:4] if len(unary.text) >= 4 else None
-    if stop:
-        cut = gen.generate(prompts=PROMPTS[:1], sampling={**sampling, "stop": [stop]}).results[0].completions[0]
-        assert cut.finish_reason == common_pb2.FINISH_REASON_STOP
-        assert cut.text == unary.text[: unary.text.index(stop)]
+    assert len(unary.text) >= 4, unary.text  # seeded: a stop string is always taken from it
+    stop = unary.text[2:4]
+    cut = gen.generate(prompts=PROMPTS[:1], sampling={**sampling, "stop": [stop]}).results[0].completions[0]
+    assert cut.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert cut.text == unary.text[: unary.text.index(stop)]
 
 
 def test_chat_and_token_id_prompts_tokenize_like_transformers(gen: Gen) -> None:

@@ -260,10 +260,10 @@ def test_staging_memory_is_reused_only_once_nothing_references_it() -> None:
     del other, again
     gc.collect()
     assert pool.idle_bytes == 4 << 20
-    for _ in range(3):  # over max_bytes: the oldest idle blocks go first
-        pool.take(3 << 20)
-    gc.collect()
-    assert pool.idle_bytes <= 8 << 20
+    held = [pool.take(3 << 20) for _ in range(3)]  # fresh: no 3 MiB block is idle
+    del held
+    gc.collect()  # 4 MiB idle + 3 x 3 MiB back, over max_bytes: the oldest size class goes first
+    assert pool.idle_bytes == 6 << 20  # both 2 MiB blocks evicted, then one 3 MiB block (newest first: 7)
 
 
 def test_staging_pool_finalizer_run_inside_its_own_locked_section_returns() -> None:
